@@ -1,0 +1,419 @@
+"""Format v1 metadata: dataclasses, strict JSON (de)serialisation and validation (no I/O).
+
+A checkpoint directory holds ``manifest.json`` (this module), one safetensors shard per
+data-parallel rank (``shards/rank-00000-of-00008.safetensors``) holding 1-D tensors
+``g{group}.{key}`` (``key`` = ``master`` or a state such as ``exp_avg``) of that rank's real
+elements, and optionally ``model.safetensors`` (buffers, frozen params). See DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+from zero_core.layout import GroupLayout, ParamSpec, compute_partition_numel
+from zero_ckpt.checksum import parse_checksum
+from zero_ckpt.errors import ManifestError, Problem, raise_problems
+from zero_ckpt.safetensors_format import DTYPE_SIZES
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "MODEL_FILE_NAME",
+    "ParamMeta",
+    "GroupMeta",
+    "FileMeta",
+    "Manifest",
+    "shard_path",
+    "tensor_name",
+    "check_manifest",
+]
+
+FORMAT_NAME = "zero-ckpt"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MODEL_FILE_NAME = "model.safetensors"
+MASTER_KEY = "master"
+_FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
+
+
+def shard_path(rank: int, world_size: int) -> str:
+    """Relative path of a rank's shard: ``shards/rank-00003-of-00008.safetensors``."""
+    return f"shards/rank-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def tensor_name(group: int, key: str) -> str:
+    """Name of a group's tensor inside a shard: ``g0.master``, ``g1.exp_avg``."""
+    return f"g{group}.{key}"
+
+
+@dataclass(frozen=True)
+class ParamMeta:
+    """A parameter of a group: model name, shape, model dtype, offset (elements) in the flat
+    buffer. ``aliases`` are other names of the same tensor (tied weights), stored once."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class GroupMeta:
+    """One optimizer param group: its flat layout facts, hyperparameters and state keys.
+
+    ``state_keys`` are the tensor states stored per element next to ``master`` (``exp_avg``,
+    ...); ``state_dtypes`` gives a key's dtype where it differs from the master dtype.
+    ``scalars`` holds per-group scalar state such as ``step``.
+    """
+
+    numel: int
+    partition_numel: int
+    align: int
+    params: tuple[ParamMeta, ...]
+    state_keys: tuple[str, ...] = ()
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+    scalars: dict[str, Any] = field(default_factory=dict)
+    state_dtypes: dict[str, str] = field(default_factory=dict)
+
+    def layout(self, world_size: int) -> GroupLayout:
+        """The group's layout cut for ``world_size`` ranks (any size, not only the saved one)."""
+        specs = [ParamSpec(p.name, tuple(p.shape), p.dtype, p.offset) for p in self.params]
+        return GroupLayout.from_specs(specs, world_size=world_size, align=self.align)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every tensor stored per element: ``master`` first, then the states."""
+        return (MASTER_KEY, *self.state_keys)
+
+    def dtype_of(self, key: str, master_dtype: str) -> str:
+        return master_dtype if key == MASTER_KEY else self.state_dtypes.get(key, master_dtype)
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    """A file of the checkpoint: relative path, size in bytes, checksum ``crc32c:<hex>``.
+
+    ``rank`` is set for shards. ``tensors`` maps each tensor of a shard to its own checksum,
+    so a job that reads only some tensors (consolidate reads the masters) still verifies what
+    it read; the file checksum is the combination of the header's and the tensors'.
+    """
+
+    path: str
+    bytes: int
+    checksum: str
+    rank: int | None = None
+    tensors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything about a checkpoint except the tensor bytes. Serialises to manifest.json."""
+
+    world_size: int
+    zero_stage: int
+    master_dtype: str
+    groups: tuple[GroupMeta, ...]
+    shards: tuple[FileMeta, ...]
+    model_file: FileMeta | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    created_by: str = "zero-ckpt"
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    # ----- convenience ---------------------------------------------------------------------
+
+    def layouts(self, world_size: int | None = None) -> list[GroupLayout]:
+        ws = self.world_size if world_size is None else world_size
+        return [g.layout(ws) for g in self.groups]
+
+    def shard(self, rank: int) -> FileMeta:
+        for s in self.shards:
+            if s.rank == rank:
+                return s
+        raise KeyError(rank)
+
+    def param_index(self) -> dict[str, tuple[int, int]]:
+        """``name -> (group, param index)`` for every name, aliases included."""
+        out: dict[str, tuple[int, int]] = {}
+        for gi, g in enumerate(self.groups):
+            for pi, p in enumerate(g.params):
+                out[p.name] = (gi, pi)
+                for alias in p.aliases:
+                    out[alias] = (gi, pi)
+        return out
+
+    @property
+    def total_numel(self) -> int:
+        return sum(g.numel for g in self.groups)
+
+    @property
+    def shard_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def step(self) -> Any:
+        """The first group's ``step`` scalar, if any (what ``inspect`` shows)."""
+        for g in self.groups:
+            if "step" in g.scalars:
+                return g.scalars["step"]
+        return None
+
+    # ----- JSON ----------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        doc: dict[str, Any] = {
+            "format": self.format,
+            "version": self.version,
+            "created_by": self.created_by,
+            "world_size": self.world_size,
+            "zero_stage": self.zero_stage,
+            "master_dtype": self.master_dtype,
+            "groups": [_group_to_dict(g) for g in self.groups],
+            "shards": [_file_to_dict(s) for s in self.shards],
+            "model_file": _file_to_dict(self.model_file) if self.model_file else None,
+            "extra": self.extra,
+        }
+        return json.dumps(doc, indent=1, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, path: str = MANIFEST_NAME) -> "Manifest":
+        """Decode strictly: unknown format, major version or field -> ManifestError naming it."""
+        try:
+            doc = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(
+                f"{path}: not valid JSON ({exc}); the manifest is damaged", path=path
+            ) from None
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{path}: expected a JSON object", path=path)
+        if doc.get("format") != FORMAT_NAME:
+            raise ManifestError(
+                f"{path}: format is {doc.get('format')!r}, not {FORMAT_NAME!r}; this is not a "
+                "zero-ckpt manifest",
+                path=path,
+                actual=doc.get("format"),
+            )
+        version = doc.get("version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"{path}: format version {version!r} is not supported by this zero-ckpt "
+                f"(it reads version {FORMAT_VERSION}); upgrade zero-ckpt to read it",
+                path=path,
+                expected=FORMAT_VERSION,
+                actual=version,
+            )
+        try:
+            _reject_unknown(doc, _MANIFEST_KEYS, path, "manifest")
+            groups = tuple(_group_from_dict(g, path, i) for i, g in enumerate(doc["groups"]))
+            shards = tuple(_file_from_dict(s, path, "shards") for s in doc["shards"])
+            model = doc.get("model_file")
+            return cls(
+                world_size=int(doc["world_size"]),
+                zero_stage=int(doc["zero_stage"]),
+                master_dtype=str(doc["master_dtype"]),
+                groups=groups,
+                shards=shards,
+                model_file=_file_from_dict(model, path, "model_file") if model else None,
+                extra=dict(doc.get("extra") or {}),
+                created_by=str(doc.get("created_by", "")),
+                format=doc["format"],
+                version=version,
+            )
+        except KeyError as exc:
+            raise ManifestError(
+                f"{path}: required field {exc.args[0]!r} is missing", path=path
+            ) from None
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ManifestError):
+                raise
+            raise ManifestError(f"{path}: malformed field ({exc})", path=path) from None
+
+    def validate(self, path: str = MANIFEST_NAME) -> "Manifest":
+        """Raise ManifestError listing every problem :func:`check_manifest` finds; else self."""
+        raise_problems(check_manifest(self, path))
+        return self
+
+
+_MANIFEST_KEYS = {
+    "format", "version", "created_by", "world_size", "zero_stage", "master_dtype",
+    "groups", "shards", "model_file", "extra",
+}
+_GROUP_KEYS = {
+    "numel", "partition_numel", "align", "params", "state_keys", "hyperparams", "scalars",
+    "state_dtypes",
+}
+_PARAM_KEYS = {"name", "shape", "dtype", "offset", "aliases"}
+_FILE_KEYS = {"path", "bytes", "checksum", "rank", "tensors"}
+
+
+def _reject_unknown(doc: dict, allowed: set[str], path: str, where: str) -> None:
+    unknown = sorted(set(doc) - allowed)
+    if unknown:
+        raise ManifestError(
+            f"{path}: unknown field(s) {unknown} in {where}; it was written by a newer or "
+            "different tool: upgrade zero-ckpt",
+            path=path,
+        )
+
+
+def _group_to_dict(g: GroupMeta) -> dict[str, Any]:
+    return {
+        "numel": g.numel,
+        "partition_numel": g.partition_numel,
+        "align": g.align,
+        "state_keys": list(g.state_keys),
+        "state_dtypes": dict(g.state_dtypes),
+        "hyperparams": g.hyperparams,
+        "scalars": g.scalars,
+        "params": [
+            {"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "offset": p.offset}
+            | ({"aliases": list(p.aliases)} if p.aliases else {})
+            for p in g.params
+        ],
+    }
+
+
+def _group_from_dict(d: dict, path: str, index: int) -> GroupMeta:
+    _reject_unknown(d, _GROUP_KEYS, path, f"groups[{index}]")
+    params = []
+    for p in d["params"]:
+        _reject_unknown(p, _PARAM_KEYS, path, f"groups[{index}].params")
+        params.append(
+            ParamMeta(
+                name=str(p["name"]),
+                shape=tuple(int(x) for x in p["shape"]),
+                dtype=str(p["dtype"]),
+                offset=int(p["offset"]),
+                aliases=tuple(str(a) for a in p.get("aliases", ())),
+            )
+        )
+    return GroupMeta(
+        numel=int(d["numel"]),
+        partition_numel=int(d["partition_numel"]),
+        align=int(d["align"]),
+        params=tuple(params),
+        state_keys=tuple(str(k) for k in d.get("state_keys", ())),
+        hyperparams=dict(d.get("hyperparams") or {}),
+        scalars=dict(d.get("scalars") or {}),
+        state_dtypes={str(k): str(v) for k, v in (d.get("state_dtypes") or {}).items()},
+    )
+
+
+def _file_to_dict(f: FileMeta) -> dict[str, Any]:
+    d: dict[str, Any] = {"path": f.path, "bytes": f.bytes, "checksum": f.checksum}
+    if f.rank is not None:
+        d = {"rank": f.rank, **d}
+    if f.tensors:
+        d["tensors"] = dict(f.tensors)
+    return d
+
+
+def _file_from_dict(d: dict, path: str, where: str) -> FileMeta:
+    _reject_unknown(d, _FILE_KEYS, path, where)
+    rank = d.get("rank")
+    return FileMeta(
+        path=str(d["path"]),
+        bytes=int(d["bytes"]),
+        checksum=str(d["checksum"]),
+        rank=None if rank is None else int(rank),
+        tensors={str(k): str(v) for k, v in (d.get("tensors") or {}).items()},
+    )
+
+
+# ----- validation -----------------------------------------------------------------------------
+
+
+def check_manifest(m: Manifest, path: str = MANIFEST_NAME) -> list[Problem]:
+    """Every inconsistency in ``m``, each naming the field and the fix; [] when it is sound.
+
+    Linear in the number of params and shards (one sweep over sorted offsets).
+    """
+    problems: list[Problem] = []
+
+    def bad(message: str, rank: int | None = None) -> None:
+        problems.append(Problem(path, message, "manifest", rank))
+
+    if m.world_size < 1:
+        bad(f"world_size is {m.world_size}; it must be at least 1")
+    if m.zero_stage not in (0, 1, 2):
+        bad(f"zero_stage is {m.zero_stage}; format v1 holds ZeRO stage 0, 1 or 2 checkpoints")
+    if m.master_dtype not in _FLOAT_DTYPES:
+        bad(f"master_dtype is {m.master_dtype!r}; expected one of {sorted(_FLOAT_DTYPES)}")
+
+    seen_names: set[str] = set()
+    for gi, g in enumerate(m.groups):
+        where = f"groups[{gi}]"
+        if g.align < 1:
+            bad(f"{where}.align is {g.align}; it must be at least 1")
+            continue
+        cursor = 0
+        for pi, p in enumerate(g.params):
+            pwhere = f"{where}.params[{pi}] ({p.name!r})"
+            if p.offset != cursor:
+                bad(
+                    f"{pwhere} has offset {p.offset} but the previous params end at {cursor}: "
+                    "offsets must be contiguous from 0 in flat order"
+                )
+            if any(d < 0 for d in p.shape):
+                bad(f"{pwhere} has a negative dimension in shape {list(p.shape)}")
+            if p.dtype not in DTYPE_SIZES:
+                bad(f"{pwhere} has unknown dtype {p.dtype!r}")
+            for n in (p.name, *p.aliases):
+                if n in seen_names:
+                    bad(f"{pwhere}: name {n!r} appears more than once; names must be unique")
+                seen_names.add(n)
+            cursor = p.offset + max(p.numel, 0)
+        if g.numel != cursor:
+            bad(f"{where}.numel is {g.numel} but its params add up to {cursor} elements")
+        if m.world_size >= 1:
+            expected_pn = compute_partition_numel(max(g.numel, 0), m.world_size, g.align)
+            if g.partition_numel != expected_pn:
+                bad(
+                    f"{where}.partition_numel is {g.partition_numel}, expected {expected_pn} = "
+                    f"ceil({g.numel} / ({m.world_size} * {g.align})) * {g.align}"
+                )
+        keys = list(g.state_keys)
+        if len(set(keys)) != len(keys) or "master" in keys:
+            bad(f"{where}.state_keys {keys} must be unique and must not contain 'master'")
+        for key, dtype in g.state_dtypes.items():
+            if key not in keys:
+                bad(f"{where}.state_dtypes names {key!r}, which is not in state_keys {keys}")
+            if dtype not in DTYPE_SIZES:
+                bad(f"{where}.state_dtypes[{key!r}] is unknown dtype {dtype!r}")
+
+    ranks = [s.rank for s in m.shards]
+    if len(m.shards) != m.world_size:
+        bad(
+            f"lists {len(m.shards)} shards but world_size is {m.world_size}; a checkpoint needs "
+            "exactly one shard per rank"
+        )
+    if sorted(r for r in ranks if r is not None) != list(range(len(m.shards))) or None in ranks:
+        bad(f"shard ranks are {ranks}; expected each of 0..{len(m.shards) - 1} exactly once")
+    files = list(m.shards) + ([m.model_file] if m.model_file else [])
+    seen_paths: set[str] = set()
+    for f in files:
+        if f.path in seen_paths:
+            bad(f"file {f.path!r} is listed twice", f.rank)
+        seen_paths.add(f.path)
+        norm = posixpath.normpath(f.path)
+        if f.path.startswith("/") or norm.startswith("..") or "\\" in f.path or "://" in f.path:
+            bad(f"file path {f.path!r} must be relative and stay inside the checkpoint", f.rank)
+        if f.bytes < 0:
+            bad(f"file {f.path!r} has negative size {f.bytes}", f.rank)
+        for checksum in (f.checksum, *f.tensors.values()):
+            try:
+                parse_checksum(checksum)
+            except ValueError as exc:
+                bad(f"file {f.path!r}: {exc}", f.rank)
+    return problems
+
