@@ -175,6 +175,26 @@ class GroupLayout:
             raise ValueError(f"element {flat_index} is outside the group's {self.numel} elements")
         return flat_index // self.partition_numel
 
+    def locate(self, flat_start: int, flat_end: int) -> list[tuple[int, int, int]]:
+        """Where the flat elements ``[flat_start, flat_end)`` are stored.
+
+        Returns ``(rank, start, end)`` pieces in flat coordinates, in order, that tile the
+        range; the element at flat index ``i`` sits at ``i - rank * partition_numel`` in that
+        rank's partition. The range must lie inside ``[0, numel]``.
+        """
+        if not 0 <= flat_start <= flat_end <= self.numel:
+            raise ValueError(
+                f"range [{flat_start}, {flat_end}) is outside the group's {self.numel} elements"
+            )
+        if flat_start == flat_end:
+            return []
+        pn = self.partition_numel
+        out = []
+        for rank in range(flat_start // pn, (flat_end - 1) // pn + 1):
+            lo, hi = overlap(flat_start, flat_end, rank * pn, (rank + 1) * pn)  # type: ignore[misc]
+            out.append((rank, lo, hi))
+        return out
+
     # ----- fragments ----------------------------------------------------------------------
 
     def fragments_of_rank(self, rank: int) -> list[Fragment]:
@@ -202,14 +222,11 @@ class GroupLayout:
     def fragments_of_param(self, param_index: int) -> list[Fragment]:
         """Fragments of one param in rank order; together they cover it exactly once."""
         p = self.params[param_index]
-        if p.numel == 0:
-            return []
         pn = self.partition_numel
-        out: list[Fragment] = []
-        for rank in range(p.offset // pn, (p.end - 1) // pn + 1):
-            lo, hi = overlap(p.offset, p.end, rank * pn, (rank + 1) * pn)  # type: ignore[misc]
-            out.append(Fragment(param_index, rank, lo - p.offset, lo - rank * pn, hi - lo, lo))
-        return out
+        return [
+            Fragment(param_index, rank, lo - p.offset, lo - rank * pn, hi - lo, lo)
+            for rank, lo, hi in self.locate(p.offset, p.end)
+        ]
 
     def index_of(self, name: str) -> int:
         """Position of the param called ``name``; KeyError if the group has none."""

@@ -1,0 +1,441 @@
+"""Pure planning: which byte ranges of which source files go where (no I/O, no torch).
+
+A plan is a list of :class:`FilePlan` (one per output file: its header bytes and the
+:class:`CopyOp` list that fills its data section). Executors only move bytes along a plan;
+every offset decision is made here, from the manifest, the layout math of
+``zero_core.layout`` and the source files' parsed headers.
+
+Because padding is never stored, a group's shards concatenated in rank order are exactly its
+unpadded flat buffer; resharding N -> M is therefore a re-cutting of byte ranges, and
+consolidation a gather of each parameter's range.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+from zero_core.layout import GroupLayout
+from zero_ckpt.checks import expected_shard_tensors
+from zero_ckpt.errors import LayoutMismatchError
+from zero_ckpt.manifest import (
+    MODEL_FILE_NAME,
+    FileMeta,
+    GroupMeta,
+    Manifest,
+    shard_path,
+    tensor_name,
+)
+from zero_ckpt.safetensors_format import SafetensorsHeader, build_header, dtype_size
+
+__all__ = [
+    "CopyOp",
+    "FilePlan",
+    "ReshardPlan",
+    "ConsolidatePlan",
+    "PartitionRead",
+    "plan_reshard",
+    "plan_consolidate",
+    "plan_partition_read",
+    "retarget_manifest",
+    "shard_header",
+    "CONSOLIDATED_MODEL_NAME",
+    "CONSOLIDATED_OPTIMIZER_NAME",
+    "OPTIMIZER_META_NAME",
+]
+
+CONSOLIDATED_MODEL_NAME = "model"
+CONSOLIDATED_OPTIMIZER_NAME = "optimizer"
+OPTIMIZER_META_NAME = "optimizer.json"
+_FLOATS = {"float64", "float32", "float16", "bfloat16"}
+
+
+@dataclass(frozen=True)
+class CopyOp:
+    """Move ``numel`` elements from a source file to a destination, casting if dtypes differ.
+
+    ``src_start``/``dst_start`` are absolute byte offsets in the files; ``src_offset``/
+    ``dst_offset`` the same places relative to the start of ``src_tensor``/``dst_tensor``
+    (used to checksum each tensor from its pieces). A raw byte copy has tensors ``None`` and
+    dtype ``uint8``.
+    """
+
+    src_file: str
+    src_tensor: str | None
+    src_offset: int
+    src_start: int
+    dst_tensor: str | None
+    dst_offset: int
+    dst_start: int
+    numel: int
+    src_dtype: str
+    dst_dtype: str
+
+    @property
+    def src_nbytes(self) -> int:
+        return self.numel * dtype_size(self.src_dtype)
+
+    @property
+    def dst_nbytes(self) -> int:
+        return self.numel * dtype_size(self.dst_dtype)
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """One output file: ``header_bytes`` at offset 0, then ``ops`` tile the rest in order."""
+
+    path: str
+    header_bytes: bytes
+    header: SafetensorsHeader | None
+    ops: tuple[CopyOp, ...]
+    file_bytes: int
+    rank: int | None = None
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(op.dst_nbytes for op in self.ops)
+
+
+@dataclass(frozen=True)
+class ReshardPlan:
+    """``target``: the new manifest with shard checksums still empty (the executor fills them
+    from the bytes it writes); ``files``: the shards, then ``model.safetensors`` if any."""
+
+    target: Manifest
+    files: tuple[FilePlan, ...]
+
+
+@dataclass(frozen=True)
+class ConsolidatePlan:
+    """Output safetensors files and small JSON documents (index, optimizer metadata)."""
+
+    files: tuple[FilePlan, ...]
+    documents: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class PartitionRead:
+    """What one rank must read to rebuild its partitions at a new world size.
+
+    ``ops[g]`` fills group ``g``'s partition buffers: for every op ``dst_tensor`` is the state
+    key and ``dst_start`` the byte offset inside that key's partition buffer.
+    """
+
+    ops: tuple[tuple[CopyOp, ...], ...]
+    real_numel: tuple[int, ...]
+
+
+# ----- reshard -------------------------------------------------------------------------------
+
+
+def retarget_manifest(manifest: Manifest, world_size: int) -> Manifest:
+    """The same groups cut for ``world_size`` ranks; shard entries are placeholders."""
+    if world_size < 1:
+        raise LayoutMismatchError(f"target world size must be at least 1, got {world_size}")
+    groups = tuple(
+        replace(g, partition_numel=g.layout(world_size).partition_numel) for g in manifest.groups
+    )
+    shards = tuple(
+        FileMeta(shard_path(r, world_size), 0, "", rank=r) for r in range(world_size)
+    )
+    return replace(manifest, world_size=world_size, groups=groups, shards=shards)
+
+
+def shard_header(manifest: Manifest, rank: int) -> tuple[bytes, SafetensorsHeader]:
+    """Header bytes and layout of rank's shard in canonical order (see checks)."""
+    meta = {"format": "zero-ckpt", "rank": str(rank), "world_size": str(manifest.world_size)}
+    return build_header(expected_shard_tensors(manifest, rank), meta)
+
+
+def _range_ops(
+    group_index: int,
+    group: GroupMeta,
+    src_layout: GroupLayout,
+    src_headers: Mapping[int, SafetensorsHeader],
+    master_dtype: str,
+    flat_start: int,
+    flat_end: int,
+    key: str,
+    dst_tensor: str,
+    dst_base: int,
+    dst_dtype: str | None = None,
+) -> list[CopyOp]:
+    """Ops that copy flat elements ``[flat_start, flat_end)`` of ``key`` into ``dst_tensor``
+    starting at absolute byte ``dst_base`` (the destination's first element is flat_start)."""
+    ops = []
+    name = tensor_name(group_index, key)
+    src_dtype = group.dtype_of(key, master_dtype)
+    dst_dtype = dst_dtype or src_dtype
+    src_size, dst_size = dtype_size(src_dtype), dtype_size(dst_dtype)
+    for rank, lo, hi in src_layout.locate(flat_start, flat_end):
+        entry = src_headers[rank].tensors[name]
+        src_offset = (lo - rank * src_layout.partition_numel) * src_size
+        dst_offset = (lo - flat_start) * dst_size
+        ops.append(
+            CopyOp(
+                src_file=shard_path(rank, src_layout.world_size),
+                src_tensor=name,
+                src_offset=src_offset,
+                src_start=entry.start + src_offset,
+                dst_tensor=dst_tensor,
+                dst_offset=dst_offset,
+                dst_start=dst_base + dst_offset,
+                numel=hi - lo,
+                src_dtype=src_dtype,
+                dst_dtype=dst_dtype,
+            )
+        )
+    return ops
+
+
+def _source_path_map(manifest: Manifest) -> dict[str, str]:
+    """Canonical shard path -> the path the manifest actually records."""
+    return {shard_path(s.rank, manifest.world_size): s.path for s in manifest.shards}  # type: ignore[arg-type]
+
+
+def _with_recorded_paths(ops: list[CopyOp], paths: Mapping[str, str]) -> tuple[CopyOp, ...]:
+    return tuple(replace(op, src_file=paths.get(op.src_file, op.src_file)) for op in ops)
+
+
+def plan_reshard(
+    manifest: Manifest,
+    src_headers: Mapping[int, SafetensorsHeader],
+    world_size: int,
+    model_file_bytes: int | None = None,
+) -> ReshardPlan:
+    """Plan N -> ``world_size`` resharding. ``src_headers[r]`` is rank r's parsed header
+    (already checked against the manifest). ``model_file_bytes``: size of the source's
+    model file, copied unchanged."""
+    target = retarget_manifest(manifest, world_size)
+    src_layouts = manifest.layouts()
+    paths = _source_path_map(manifest)
+    files: list[FilePlan] = []
+    for rank in range(world_size):
+        header_bytes, header = shard_header(target, rank)
+        ops: list[CopyOp] = []
+        for gi, group in enumerate(target.groups):
+            lo, hi = group.layout(world_size).real_range(rank)
+            for key in group.keys:
+                entry = header.tensors[tensor_name(gi, key)]
+                ops += _range_ops(
+                    gi, group, src_layouts[gi], src_headers, manifest.master_dtype,
+                    lo, hi, key, entry.name, entry.start,
+                )
+        files.append(
+            FilePlan(
+                shard_path(rank, world_size), header_bytes, header,
+                _with_recorded_paths(ops, paths), header.file_bytes, rank,
+            )
+        )
+    if manifest.model_file is not None:
+        nbytes = manifest.model_file.bytes if model_file_bytes is None else model_file_bytes
+        files.append(_raw_copy_plan(manifest.model_file.path, MODEL_FILE_NAME, nbytes))
+    return ReshardPlan(target, tuple(files))
+
+
+def _raw_copy_plan(src: str, dst: str, nbytes: int) -> FilePlan:
+    op = CopyOp(src, None, 0, 0, None, 0, 0, nbytes, "uint8", "uint8")
+    return FilePlan(dst, b"", None, (op,) if nbytes else (), nbytes)
+
+
+# ----- consolidate ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    # where its elements come from: a group/param/key of the shards, or a model-file tensor
+    group: int | None = None
+    param: int | None = None
+    key: str | None = None
+    model_src: tuple[int, str] | None = None  # (absolute byte start, dtype) in model file
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel * dtype_size(self.dtype)
+
+
+def plan_consolidate(
+    manifest: Manifest,
+    src_headers: Mapping[int, SafetensorsHeader],
+    model_header: SafetensorsHeader | None = None,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | None = None,
+    include_optimizer: bool = False,
+) -> ConsolidatePlan:
+    """Plan full named tensors as Hugging Face style safetensors.
+
+    Model files hold every param (aliases too, each a full copy) from the fp32 masters cast to
+    ``dtype`` (default: each param's recorded dtype), then the tensors of the checkpoint's
+    model file (floating ones cast only when ``dtype`` is given). More than ``max_shard_size``
+    bytes -> ``model-0000i-of-0000K.safetensors`` plus ``model.safetensors.index.json``.
+    ``include_optimizer`` adds ``optimizer*.safetensors`` (``{param}.{key}`` for master and
+    every state, in their stored dtype) and ``optimizer.json`` (groups, hyperparameters,
+    scalars).
+    """
+    if dtype is not None and dtype not in _FLOATS:
+        raise LayoutMismatchError(
+            f"--dtype {dtype!r} is not a floating dtype; choose one of {sorted(_FLOATS)}"
+        )
+    if max_shard_size is not None and max_shard_size < 1:
+        raise LayoutMismatchError(f"max shard size must be positive, got {max_shard_size} bytes")
+    model_tensors: list[_OutTensor] = []
+    for gi, group in enumerate(manifest.groups):
+        for pi, p in enumerate(group.params):
+            for name in (p.name, *p.aliases):
+                model_tensors.append(_OutTensor(name, dtype or p.dtype, p.shape, gi, pi, "master"))
+    taken = {t.name for t in model_tensors}
+    if model_header is not None:
+        for entry in sorted(model_header.tensors.values(), key=lambda e: e.start):
+            if entry.name in taken:
+                raise LayoutMismatchError(
+                    f"{MODEL_FILE_NAME} of the checkpoint holds {entry.name!r}, which is also an "
+                    "optimizer-owned parameter; the checkpoint is inconsistent"
+                )
+            out_dtype = dtype if (dtype and entry.dtype in _FLOATS) else entry.dtype
+            model_tensors.append(
+                _OutTensor(entry.name, out_dtype, entry.shape, model_src=(entry.start, entry.dtype))
+            )
+    files, documents = _plan_output_set(
+        CONSOLIDATED_MODEL_NAME, model_tensors, manifest, src_headers, max_shard_size
+    )
+    if include_optimizer:
+        opt_tensors = [
+            _OutTensor(f"{p.name}.{key}", group.dtype_of(key, manifest.master_dtype), p.shape, gi, pi, key)
+            for gi, group in enumerate(manifest.groups)
+            for pi, p in enumerate(group.params)
+            for key in group.keys
+        ]
+        opt_files, opt_docs = _plan_output_set(
+            CONSOLIDATED_OPTIMIZER_NAME, opt_tensors, manifest, src_headers, max_shard_size
+        )
+        files += opt_files
+        documents.update(opt_docs)
+        documents[OPTIMIZER_META_NAME] = _optimizer_meta(manifest)
+    return ConsolidatePlan(tuple(files), documents)
+
+
+def _optimizer_meta(manifest: Manifest) -> bytes:
+    doc = {
+        "format": "zero-ckpt-consolidated-optimizer",
+        "version": 1,
+        "master_dtype": manifest.master_dtype,
+        "groups": [
+            {
+                "params": [p.name for p in g.params],
+                "state_keys": ["master", *g.state_keys],
+                "hyperparams": g.hyperparams,
+                "scalars": g.scalars,
+            }
+            for g in manifest.groups
+        ],
+        "extra": manifest.extra,
+    }
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
+def _split_by_size(tensors: list[_OutTensor], max_bytes: int | None) -> list[list[_OutTensor]]:
+    """Greedy in order, like transformers: a tensor larger than the limit gets its own file."""
+    if max_bytes is None:
+        return [tensors]
+    out: list[list[_OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if out[-1] and size + t.nbytes > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += t.nbytes
+    return out
+
+
+def _plan_output_set(
+    stem: str,
+    tensors: list[_OutTensor],
+    manifest: Manifest,
+    src_headers: Mapping[int, SafetensorsHeader],
+    max_shard_size: int | None,
+) -> tuple[list[FilePlan], dict[str, bytes]]:
+    chunks = _split_by_size(tensors, max_shard_size)
+    count = len(chunks)
+    names = (
+        [f"{stem}.safetensors"]
+        if count == 1
+        else [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    )
+    src_layouts = manifest.layouts()
+    paths = _source_path_map(manifest)
+    model_path = manifest.model_file.path if manifest.model_file else MODEL_FILE_NAME
+    files = []
+    weight_map: dict[str, str] = {}
+    for fname, chunk in zip(names, chunks):
+        header_bytes, header = build_header(
+            [(t.name, t.dtype, t.shape) for t in chunk], {"format": "pt"}
+        )
+        ops: list[CopyOp] = []
+        for t in chunk:
+            entry = header.tensors[t.name]
+            weight_map[t.name] = fname
+            if t.model_src is not None:
+                start, src_dtype = t.model_src
+                numel = entry.numel
+                ops.append(
+                    CopyOp(model_path, t.name, 0, start, t.name, 0, entry.start, numel, src_dtype, t.dtype)
+                )
+                continue
+            group = manifest.groups[t.group]  # type: ignore[index]
+            p = group.params[t.param]  # type: ignore[index]
+            ops += _range_ops(
+                t.group, group, src_layouts[t.group], src_headers, manifest.master_dtype,  # type: ignore[arg-type]
+                p.offset, p.offset + p.numel, t.key, t.name, entry.start, t.dtype,  # type: ignore[arg-type]
+            )
+        files.append(FilePlan(fname, header_bytes, header, _with_recorded_paths(ops, paths), header.file_bytes))
+    documents: dict[str, bytes] = {}
+    if count > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+            "weight_map": weight_map,
+        }
+        documents[f"{stem}.safetensors.index.json"] = (json.dumps(index, indent=2) + "\n").encode()
+    return files, documents
+
+
+# ----- load at another world size --------------------------------------------------------------
+
+
+def plan_partition_read(
+    manifest: Manifest,
+    src_headers: Mapping[int, SafetensorsHeader],
+    world_size: int,
+    rank: int,
+    align: int | None = None,
+) -> PartitionRead:
+    """Byte ranges rank needs to rebuild its partitions at ``world_size`` (any size).
+
+    ``align`` overrides the recorded alignment (an optimizer may align differently than the
+    one that saved; the flat buffer, and so the bytes, are the same).
+    """
+    paths = _source_path_map(manifest)
+    src_layouts = manifest.layouts()
+    all_ops = []
+    reals = []
+    for gi, group in enumerate(manifest.groups):
+        target_layout = GroupLayout.from_specs(
+            src_layouts[gi].params, world_size=world_size, align=align or group.align
+        )
+        lo, hi = target_layout.real_range(rank)
+        reals.append(hi - lo)
+        ops: list[CopyOp] = []
+        for key in group.keys:
+            ops += _range_ops(
+                gi, group, src_layouts[gi], src_headers, manifest.master_dtype, lo, hi, key, key, 0
+            )
+        all_ops.append(_with_recorded_paths(ops, paths))
+    return PartitionRead(tuple(all_ops), tuple(reals))

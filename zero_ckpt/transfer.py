@@ -1,0 +1,443 @@
+"""The execution engine: move bytes along a plan with bounded memory, in parallel, verified.
+
+Shared by reshard, consolidate and load. It reads source headers (checked against the
+manifest), runs :class:`~zero_ckpt.plan.FilePlan` lists through a thread pool with one reusable
+buffer per worker, checksums every piece it reads and writes (CRC32C, combined afterwards, so
+sources are verified and outputs checksummed in one pass), reports progress, and on any
+failure removes everything it wrote.
+
+Memory: at most ``workers`` x (``chunk_bytes`` + a cast buffer) at once, independent of the
+checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from zero_ckpt import knobs
+from zero_ckpt.checks import check_shard_header
+from zero_ckpt.checksum import PieceChecksums, crc32c, format_checksum, parse_checksum
+from zero_ckpt.errors import (
+    CheckpointError,
+    CorruptShardError,
+    IncompleteCheckpointError,
+    Problem,
+    raise_problems,
+)
+from zero_ckpt.manifest import MANIFEST_NAME, FileMeta, Manifest
+from zero_ckpt.plan import CopyOp, FilePlan
+from zero_ckpt.safetensors_format import SafetensorsHeader, header_length, parse_header
+from zero_ckpt.storage import FileWriter, Location
+
+__all__ = [
+    "ProgressFn",
+    "ProgressTracker",
+    "SourceChecks",
+    "WrittenFile",
+    "load_manifest",
+    "read_source_headers",
+    "read_header",
+    "run_file_plans",
+    "copy_op_into",
+    "resolve_workers",
+]
+
+ProgressFn = Callable[[int, int], None]
+_TORCH_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+# Positioned writes let several workers fill one local file; each takes this many bytes.
+_SEGMENT_BYTES = 64 << 20
+
+
+class ProgressTracker:
+    """Serialises progress callbacks from worker threads: ``fn(done_bytes, total_bytes)``."""
+
+    def __init__(self, fn: ProgressFn | None, total: int) -> None:
+        self.fn = fn
+        self.total = total
+        self.done = 0
+        self._lock = threading.Lock()
+        if fn is not None:
+            fn(0, total)
+
+    def add(self, nbytes: int) -> None:
+        if self.fn is None:
+            return
+        with self._lock:
+            self.done += nbytes
+            self.fn(self.done, self.total)
+
+
+def resolve_workers(workers: int | None, chunk_bytes: int) -> int:
+    """Worker count within the buffer budget (each worker holds about two chunks)."""
+    wanted = workers or knobs.io_workers()
+    by_budget = max(1, knobs.buffer_budget_bytes() // max(1, 2 * chunk_bytes))
+    return max(1, min(wanted, by_budget))
+
+
+# ----- reading a checkpoint's metadata --------------------------------------------------------
+
+
+def load_manifest(loc: Location) -> Manifest:
+    """Read and validate ``manifest.json``; a directory without one is incomplete."""
+    if not loc.exists(MANIFEST_NAME):
+        if loc.exists() and loc.list_files():
+            raise IncompleteCheckpointError(
+                f"{loc.url} has no {MANIFEST_NAME}: it is an incomplete checkpoint (a save or "
+                "conversion that did not finish) and cannot be used",
+                path=loc.url_of(MANIFEST_NAME),
+            )
+        raise IncompleteCheckpointError(
+            f"no checkpoint at {loc.url}: {MANIFEST_NAME} not found (check the path)",
+            path=loc.url_of(MANIFEST_NAME),
+        )
+    url = loc.url_of(MANIFEST_NAME)
+    return Manifest.from_json(loc.read_bytes(MANIFEST_NAME), url).validate(url)
+
+
+def read_header(loc: Location, rel: str, file_bytes: int | None = None) -> tuple[SafetensorsHeader, int]:
+    """Parse a safetensors file's header with two ranged reads; also return the header's CRC."""
+    url = loc.url_of(rel)
+    first = loc.read_range(rel, 0, 8)
+    n = header_length(first, url)
+    prefix = loc.read_range(rel, 0, 8 + n)
+    return parse_header(prefix, url, file_bytes), crc32c(prefix)
+
+
+def read_source_headers(
+    loc: Location, manifest: Manifest, workers: int = 4
+) -> tuple[dict[int, SafetensorsHeader], dict[str, int]]:
+    """Every shard's header, checked against the manifest (size and layout).
+
+    Returns ``(headers by rank, header CRC by path)``; raises one error listing every problem
+    (missing shard, wrong size, header that does not match the layout).
+    """
+
+    def one(meta: FileMeta) -> tuple[FileMeta, SafetensorsHeader | None, int, list[Problem]]:
+        url = loc.url_of(meta.path)
+        try:
+            size = loc.size(meta.path)
+            if size != meta.bytes:
+                return meta, None, 0, [
+                    Problem(url, f"is {size} bytes, the manifest says {meta.bytes} (truncated or "
+                            "replaced?)", "size", meta.rank)
+                ]
+            header, crc = read_header(loc, meta.path, size)
+        except CheckpointError as exc:
+            kind = "missing" if isinstance(exc, FileNotFoundError) else "header"
+            return meta, None, 0, [Problem(url, _strip_url(str(exc), url), kind, meta.rank)]
+        problems = check_shard_header(manifest, meta.rank, header, url)  # type: ignore[arg-type]
+        return meta, header, crc, problems
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, 16))) as pool:
+        results = list(pool.map(one, manifest.shards))
+    problems = [p for _, _, _, ps in results for p in ps]
+    raise_problems(problems, CorruptShardError)
+    headers = {meta.rank: h for meta, h, _, _ in results}  # type: ignore[misc]
+    crcs = {meta.path: crc for meta, _, crc, _ in results}
+    return headers, crcs  # type: ignore[return-value]
+
+
+def _strip_url(message: str, url: str) -> str:
+    prefix = f"{url}: "
+    if message.startswith(prefix):
+        return message[len(prefix):]
+    if message.startswith(url + " "):
+        return message[len(url) + 1:]
+    return message
+
+
+# ----- verification of what was read -----------------------------------------------------------
+
+
+@dataclass
+class SourceChecks:
+    """CRCs of the source pieces a job read, checked against the manifest's checksums.
+
+    A tensor is checked when the job read all of it (reshard and load read everything,
+    consolidate every master); a file's own checksum when every byte of it was read.
+    """
+
+    pieces: dict[tuple[str, str | None], PieceChecksums] = field(default_factory=lambda: defaultdict(PieceChecksums))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, file: str, tensor: str | None, offset: int, length: int, crc: int) -> None:
+        with self._lock:
+            self.pieces[(file, tensor)].add(offset, length, crc)
+
+    def merge(self, other: "SourceChecks") -> None:
+        for key, pc in other.pieces.items():
+            self.pieces[key].extend(pc)
+
+    def problems(
+        self,
+        loc: Location,
+        files: Iterable[FileMeta],
+        headers: Mapping[str, SafetensorsHeader],
+        header_crcs: Mapping[str, int],
+    ) -> list[Problem]:
+        out = []
+        for meta in files:
+            url = loc.url_of(meta.path)
+            raw = self.pieces.get((meta.path, None))
+            if raw is not None:  # a raw whole-file copy
+                if raw.covered() == meta.bytes and raw.combine(meta.bytes) != parse_checksum(meta.checksum):
+                    out.append(_checksum_problem(url, "file", meta))
+                continue
+            header = headers.get(meta.path)
+            if header is None:
+                continue
+            crcs: dict[str, int] = {}
+            for name, entry in header.tensors.items():
+                pc = self.pieces.get((meta.path, name))
+                if pc is None or pc.covered() != entry.nbytes:
+                    continue
+                crcs[name] = pc.combine(entry.nbytes)
+                recorded = meta.tensors.get(name)
+                if recorded is not None and crcs[name] != parse_checksum(recorded):
+                    out.append(_checksum_problem(url, f"tensor {name!r}", meta))
+            if not meta.tensors and meta.path in header_crcs and len(crcs) == len(header.tensors):
+                whole = _combine_file(header, header_crcs[meta.path], crcs)
+                if whole is not None and whole != parse_checksum(meta.checksum):
+                    out.append(_checksum_problem(url, "file", meta))
+        return out
+
+
+def _combine_file(header: SafetensorsHeader, header_crc: int, tensor_crcs: Mapping[str, int]) -> int | None:
+    pieces = PieceChecksums()
+    pieces.add(0, header.data_start, header_crc)
+    for name, entry in header.tensors.items():
+        pieces.add(entry.start, entry.nbytes, tensor_crcs[name])
+    try:
+        return pieces.combine(header.file_bytes)
+    except ValueError:  # gaps between tensors (not written by us): cannot combine
+        return None
+
+
+def _checksum_problem(url: str, what: str, meta: FileMeta) -> Problem:
+    return Problem(
+        url,
+        f"checksum mismatch in {what}: the data is corrupted (restore this file from a good copy)",
+        "checksum",
+        meta.rank,
+    )
+
+
+# ----- running plans ---------------------------------------------------------------------------
+
+
+@dataclass
+class WrittenFile:
+    """What the engine wrote: size, whole-file CRC and per-tensor CRCs."""
+
+    path: str
+    bytes: int
+    crc: int
+    tensor_crcs: dict[str, int]
+
+    def meta(self, rank: int | None = None) -> FileMeta:
+        return FileMeta(
+            self.path,
+            self.bytes,
+            format_checksum(self.crc),
+            rank,
+            {k: format_checksum(v) for k, v in self.tensor_crcs.items()},
+        )
+
+
+class _FileJob:
+    """One output file being filled by one or more segments."""
+
+    def __init__(self, plan: FilePlan, writer: FileWriter, segments: int) -> None:
+        self.plan = plan
+        self.writer = writer
+        self.remaining = segments
+        self.pieces = PieceChecksums()
+        self.tensor_pieces: dict[str, PieceChecksums] = defaultdict(PieceChecksums)
+        self.lock = threading.Lock()
+        self.committed = False
+
+
+def _segments(plan: FilePlan, parallel: bool) -> list[list[CopyOp]]:
+    if not parallel:
+        return [list(plan.ops)]
+    out: list[list[CopyOp]] = [[]]
+    size = 0
+    for op in plan.ops:
+        if out[-1] and size + op.dst_nbytes > _SEGMENT_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(op)
+        size += op.dst_nbytes
+    return out
+
+
+class _Buffers(threading.local):
+    def __init__(self) -> None:
+        self.buf: bytearray | None = None
+
+    def get(self, nbytes: int) -> bytearray:
+        if self.buf is None or len(self.buf) < nbytes:
+            self.buf = bytearray(nbytes)
+        return self.buf
+
+
+def copy_op_into(
+    op: CopyOp,
+    src: Location,
+    buffers: "_Buffers",
+    chunk_bytes: int,
+    emit: Callable[[int, memoryview], int | None],
+    checks: SourceChecks | None,
+    progress: ProgressTracker | None,
+) -> None:
+    """Stream one op in chunks: read, checksum the source piece, cast, hand to ``emit``.
+
+    ``emit(dst_offset_within_op, data)`` writes the (cast) bytes.
+    """
+    src_size = op.src_nbytes // op.numel if op.numel else 1
+    dst_size = op.dst_nbytes // op.numel if op.numel else 1
+    cast = op.src_dtype != op.dst_dtype
+    per_chunk = max(1, chunk_bytes // max(src_size, dst_size))
+    done = 0
+    while done < op.numel:
+        n = min(per_chunk, op.numel - done)
+        buf = buffers.get(per_chunk * src_size)
+        view = memoryview(buf)[: n * src_size]
+        src.read_into(op.src_file, op.src_start + done * src_size, view)
+        if checks is not None:
+            checks.add(op.src_file, op.src_tensor, op.src_offset + done * src_size, len(view), crc32c(view))
+        if cast:
+            values = torch.frombuffer(buf, dtype=_TORCH_DTYPES[op.src_dtype], count=n)
+            out = memoryview(values.to(_TORCH_DTYPES[op.dst_dtype]).view(torch.uint8).numpy())
+        else:
+            out = view
+        emit(done * dst_size, out)
+        if progress is not None:
+            progress.add(len(view))
+        done += n
+
+
+def run_file_plans(
+    src: Location,
+    dst: Location,
+    plans: Sequence[FilePlan],
+    *,
+    workers: int | None = None,
+    chunk_bytes: int | None = None,
+    progress: ProgressTracker | None = None,
+    checks: SourceChecks | None = None,
+    fsync: bool = True,
+) -> dict[str, WrittenFile]:
+    """Write every planned file to ``dst`` and commit each (temp + rename on local disk).
+
+    On any error nothing planned is left at ``dst``: uncommitted files are aborted and the
+    committed ones removed; the first error is raised.
+    """
+    chunk = chunk_bytes or knobs.chunk_bytes()
+    nworkers = resolve_workers(workers, chunk)
+    buffers = _Buffers()
+    jobs: list[_FileJob] = []
+    tasks: list[tuple[_FileJob, list[CopyOp], bool]] = []
+    stop = threading.Event()
+    try:
+        for plan in plans:
+            writer = dst.writer(plan.path, plan.file_bytes)
+            segments = _segments(plan, writer.supports_write_at)
+            job = _FileJob(plan, writer, len(segments))
+            jobs.append(job)
+            for i, seg in enumerate(segments):
+                tasks.append((job, seg, i == 0))
+
+        def run(job: _FileJob, ops: list[CopyOp], first: bool) -> None:
+            if stop.is_set():
+                return
+            positioned = job.writer.supports_write_at
+            if first and job.plan.header_bytes:
+                hb = job.plan.header_bytes
+                if positioned:
+                    job.writer.write_at(0, hb)
+                else:
+                    job.writer.write(hb)
+                with job.lock:
+                    job.pieces.add(0, len(hb), crc32c(hb))
+            local_pieces: list[tuple[int, int, int]] = []
+            local_tensor: list[tuple[str, int, int, int]] = []
+            for op in ops:
+                if stop.is_set():
+                    return
+
+                def emit(rel: int, data: memoryview, op: CopyOp = op) -> None:
+                    crc = crc32c(data)
+                    if positioned:
+                        job.writer.write_at(op.dst_start + rel, data)
+                    else:
+                        job.writer.write(data)
+                    local_pieces.append((op.dst_start + rel, len(data), crc))
+                    if op.dst_tensor is not None:
+                        local_tensor.append((op.dst_tensor, op.dst_offset + rel, len(data), crc))
+
+                copy_op_into(op, src, buffers, chunk, emit, checks, progress)
+            with job.lock:
+                for piece in local_pieces:
+                    job.pieces.add(*piece)
+                for name, off, n, crc in local_tensor:
+                    job.tensor_pieces[name].add(off, n, crc)
+                job.remaining -= 1
+                last = job.remaining == 0
+            if last:
+                job.writer.commit(fsync=fsync)
+                job.committed = True
+
+        with ThreadPoolExecutor(max_workers=nworkers) as pool:
+            futures = [pool.submit(run, *t) for t in tasks]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                stop.set()
+                for f in pending:
+                    f.cancel()
+                wait(futures)
+                raise failed[0].exception()  # type: ignore[misc]
+        result = {}
+        for job in jobs:
+            header = job.plan.header
+            tensor_crcs = (
+                {
+                    name: job.tensor_pieces[name].combine(entry.nbytes) if entry.nbytes else 0
+                    for name, entry in header.tensors.items()
+                }
+                if header is not None
+                else {}
+            )
+            result[job.plan.path] = WrittenFile(
+                job.plan.path, job.plan.file_bytes, job.pieces.combine(job.plan.file_bytes), tensor_crcs
+            )
+        return result
+    except BaseException:
+        stop.set()
+        for job in jobs:
+            if job.committed:
+                try:
+                    dst.remove(job.plan.path)
+                except CheckpointError:
+                    pass
+            else:
+                job.writer.abort()
+        raise
