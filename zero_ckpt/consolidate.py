@@ -48,7 +48,7 @@ def consolidate(
     out_storage_options: dict[str, Any] | None = None,
     workers: int | None = None,
     chunk_bytes: int | None = None,
-    fsync: bool = True,
+    fsync: bool | None = None,
 ) -> ConsolidateResult:
     """Write full tensors of the checkpoint at ``src`` to the directory ``out``.
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["chunk_bytes", "io_workers", "buffer_budget_bytes"]
+__all__ = ["chunk_bytes", "io_workers", "buffer_budget_bytes", "fsync"]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -43,3 +43,10 @@ def buffer_budget_bytes() -> int:
     checkpoint size.
     """
     return _env_int("ZERO_CKPT_BUFFER_BYTES", 64 << 20)
+
+
+def fsync() -> bool:
+    """Whether local writes are fsynced before they are renamed into place (ZERO_CKPT_FSYNC,
+    on). Turn off only for scratch output: without it a power loss after the manifest commit
+    can leave shards the manifest vouches for unwritten."""
+    return os.environ.get("ZERO_CKPT_FSYNC", "1").strip().lower() not in ("0", "false", "no", "off")

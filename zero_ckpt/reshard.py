@@ -39,7 +39,7 @@ def reshard(
     dst_storage_options: dict[str, Any] | None = None,
     workers: int | None = None,
     chunk_bytes: int | None = None,
-    fsync: bool = True,
+    fsync: bool | None = None,
 ) -> Manifest:
     """Write the checkpoint at ``src`` to ``dst`` with ``world_size`` shards; returns its manifest.
 

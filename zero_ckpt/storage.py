@@ -22,6 +22,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from zero_ckpt import knobs
 from zero_ckpt.checksum import crc32c
 from zero_ckpt.errors import (
     CheckpointError,
@@ -337,10 +338,13 @@ class FileWriter:
     def supports_write_at(self) -> bool:
         return self._stream is None and self.size is not None
 
-    def commit(self, fsync: bool = True) -> None:
-        """Make the file visible under its final name (after fsync on local disk)."""
+    def commit(self, fsync: bool | None = None) -> None:
+        """Make the file visible under its final name (after fsync on local disk, unless
+        ``fsync`` is False; None means the ZERO_CKPT_FSYNC knob, on by default)."""
         if self._closed:
             return
+        if fsync is None:
+            fsync = knobs.fsync()
         self._closed = True
         try:
             if self._stream is not None:

@@ -343,7 +343,7 @@ def run_file_plans(
     chunk_bytes: int | None = None,
     progress: ProgressTracker | None = None,
     checks: SourceChecks | None = None,
-    fsync: bool = True,
+    fsync: bool | None = None,
 ) -> dict[str, WrittenFile]:
     """Write every planned file to ``dst`` and commit each (temp + rename on local disk).
 

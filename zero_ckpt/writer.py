@@ -54,7 +54,7 @@ def _write_safetensors(
     ordered: Sequence[tuple[str, torch.Tensor]],
     file_bytes: int,
     rank: int | None,
-    fsync: bool,
+    fsync: bool | None,
 ) -> FileMeta:
     pieces = PieceChecksums()
     tensor_crcs: dict[str, str] = {}
@@ -78,7 +78,7 @@ def write_shard(
     rank: int,
     tensors: Mapping[str, torch.Tensor],
     *,
-    fsync: bool = True,
+    fsync: bool | None = None,
 ) -> FileMeta:
     """Write rank's shard: ``tensors`` maps ``g{i}.{key}`` to 1-D tensors of exactly the rank's
     real elements (padding stripped) in the dtype the manifest records. Returns its FileMeta
@@ -100,7 +100,7 @@ def write_shard(
 
 
 def write_model_file(
-    loc: Location, tensors: Mapping[str, torch.Tensor], *, fsync: bool = True
+    loc: Location, tensors: Mapping[str, torch.Tensor], *, fsync: bool | None = None
 ) -> FileMeta | None:
     """Write ``model.safetensors`` (buffers, frozen params); None when ``tensors`` is empty."""
     if not tensors:
