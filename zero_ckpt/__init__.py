@@ -1,50 +1,58 @@
 """zero_ckpt: the checkpoint toolkit for ZeRO-partitioned optimizer state (format v1).
 
 Offline jobs (no process group, no GPU): :func:`reshard`, :func:`consolidate`,
-:func:`verify`, :func:`open_checkpoint`, :func:`write_checkpoint`.
+:func:`verify`, :func:`open_checkpoint`, :func:`write_checkpoint`; from training code:
+:func:`save` and :func:`load` (collectives). Names are imported on first access, so importing
+a pure module such as ``zero_ckpt.manifest`` or ``zero_ckpt.plan`` loads neither torch nor
+fsspec.
 """
 
-from zero_ckpt.consolidate import ConsolidateResult, consolidate
-from zero_ckpt.errors import (
-    CheckpointError,
-    CorruptShardError,
-    DestinationExistsError,
-    IncompleteCheckpointError,
-    LayoutMismatchError,
-    ManifestError,
-    MissingShardError,
-    Problem,
-    StorageError,
-)
-from zero_ckpt.manifest import FileMeta, GroupMeta, Manifest, ParamMeta
-from zero_ckpt.reader import CheckpointReader, ParamInfo, open_checkpoint
-from zero_ckpt.reshard import reshard
-from zero_ckpt.verify import VerifyReport, verify
-from zero_ckpt.writer import write_checkpoint
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "reshard",
-    "consolidate",
-    "ConsolidateResult",
-    "verify",
-    "VerifyReport",
-    "open_checkpoint",
-    "CheckpointReader",
-    "ParamInfo",
-    "write_checkpoint",
-    "Manifest",
-    "GroupMeta",
-    "ParamMeta",
-    "FileMeta",
-    "CheckpointError",
-    "ManifestError",
-    "IncompleteCheckpointError",
-    "MissingShardError",
-    "CorruptShardError",
-    "LayoutMismatchError",
-    "DestinationExistsError",
-    "StorageError",
-    "Problem",
-]
+# public name -> module it lives in
+_EXPORTS = {
+    "reshard": "zero_ckpt.reshard",
+    "consolidate": "zero_ckpt.consolidate",
+    "ConsolidateResult": "zero_ckpt.consolidate",
+    "verify": "zero_ckpt.verify",
+    "VerifyReport": "zero_ckpt.verify",
+    "open_checkpoint": "zero_ckpt.reader",
+    "CheckpointReader": "zero_ckpt.reader",
+    "ParamInfo": "zero_ckpt.reader",
+    "write_checkpoint": "zero_ckpt.writer",
+    "save": "zero_ckpt.api",
+    "load": "zero_ckpt.api",
+    "LoadResult": "zero_ckpt.api",
+    "Manifest": "zero_ckpt.manifest",
+    "GroupMeta": "zero_ckpt.manifest",
+    "ParamMeta": "zero_ckpt.manifest",
+    "FileMeta": "zero_ckpt.manifest",
+    "CheckpointError": "zero_ckpt.errors",
+    "ManifestError": "zero_ckpt.errors",
+    "IncompleteCheckpointError": "zero_ckpt.errors",
+    "MissingShardError": "zero_ckpt.errors",
+    "CorruptShardError": "zero_ckpt.errors",
+    "LayoutMismatchError": "zero_ckpt.errors",
+    "DestinationExistsError": "zero_ckpt.errors",
+    "StorageError": "zero_ckpt.errors",
+    "Problem": "zero_ckpt.errors",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zero_ckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -10,6 +10,7 @@ single pass, without re-reading anything. The manifest spells a checksum ``crc32
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import crc32c as _crc32c
@@ -24,6 +25,7 @@ __all__ = [
 ]
 
 ALGORITHM = "crc32c"
+_HEX8 = re.compile(r"[0-9a-fA-F]{8}")
 _POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
 
 
@@ -70,6 +72,8 @@ def _x8nmodp(nbytes: int) -> int:
 
 def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
     """CRC32C of ``A + B`` given ``crc(A)``, ``crc(B)`` and ``len(B)`` in bytes."""
+    if len_b < 0:
+        raise ValueError(f"length must be >= 0, got {len_b}")
     return _multmodp(_x8nmodp(len_b), crc_a) ^ crc_b
 
 
@@ -80,7 +84,7 @@ def format_checksum(crc: int) -> str:
 def parse_checksum(text: str) -> int:
     """``"crc32c:1a2b3c4d"`` -> int; ValueError for another algorithm or a malformed value."""
     algo, sep, digits = text.partition(":")
-    if algo != ALGORITHM or not sep or len(digits) != 8:
+    if algo != ALGORITHM or not sep or not _HEX8.fullmatch(digits):
         raise ValueError(f"checksum {text!r} is not of the form '{ALGORITHM}:<8 hex digits>'")
     return int(digits, 16)
 
@@ -96,6 +100,8 @@ class PieceChecksums:
     pieces: list[tuple[int, int, int]] = field(default_factory=list)
 
     def add(self, offset: int, length: int, crc: int) -> None:
+        if length < 0 or offset < 0:
+            raise ValueError(f"piece at {offset} of length {length}: both must be >= 0")
         if length:
             self.pieces.append((offset, length, crc))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,8 +188,8 @@ class Manifest:
     def from_json(cls, text: str | bytes, path: str = MANIFEST_NAME) -> "Manifest":
         """Decode strictly: unknown format, major version or field -> ManifestError naming it."""
         try:
-            doc = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            doc = json.loads(text, parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
             raise ManifestError(
                 f"{path}: not valid JSON ({exc}); the manifest is damaged", path=path
             ) from None
@@ -204,39 +203,34 @@ class Manifest:
                 actual=doc.get("format"),
             )
         version = doc.get("version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version != FORMAT_VERSION:
+            newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
             raise ManifestError(
-                f"{path}: format version {version!r} is not supported by this zero-ckpt "
-                f"(it reads version {FORMAT_VERSION}); upgrade zero-ckpt to read it",
+                f"{path}: format version {version!r} is not supported by this zero-ckpt (it reads "
+                f"version {FORMAT_VERSION}); "
+                + ("upgrade zero-ckpt to read it" if newer else "the manifest is damaged or not from zero-ckpt"),
                 path=path,
                 expected=FORMAT_VERSION,
                 actual=version,
             )
-        try:
-            _reject_unknown(doc, _MANIFEST_KEYS, path, "manifest")
-            groups = tuple(_group_from_dict(g, path, i) for i, g in enumerate(doc["groups"]))
-            shards = tuple(_file_from_dict(s, path, "shards") for s in doc["shards"])
-            model = doc.get("model_file")
-            return cls(
-                world_size=int(doc["world_size"]),
-                zero_stage=int(doc["zero_stage"]),
-                master_dtype=str(doc["master_dtype"]),
-                groups=groups,
-                shards=shards,
-                model_file=_file_from_dict(model, path, "model_file") if model else None,
-                extra=dict(doc.get("extra") or {}),
-                created_by=str(doc.get("created_by", "")),
-                format=doc["format"],
-                version=version,
-            )
-        except KeyError as exc:
-            raise ManifestError(
-                f"{path}: required field {exc.args[0]!r} is missing", path=path
-            ) from None
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ManifestError):
-                raise
-            raise ManifestError(f"{path}: malformed field ({exc})", path=path) from None
+        f = _Fields(doc, path, "manifest", _MANIFEST_KEYS)
+        groups = tuple(_group_from_dict(g, path, i) for i, g in enumerate(f.list("groups")))
+        shards = tuple(
+            _file_from_dict(s, path, f"shards[{i}]") for i, s in enumerate(f.list("shards"))
+        )
+        model = doc.get("model_file")
+        return cls(
+            world_size=f.int("world_size"),
+            zero_stage=f.int("zero_stage"),
+            master_dtype=f.str("master_dtype"),
+            groups=groups,
+            shards=shards,
+            model_file=_file_from_dict(model, path, "model_file") if model is not None else None,
+            extra=f.dict("extra"),
+            created_by=f.str("created_by", ""),
+            format=doc["format"],
+            version=version,
+        )
 
     def validate(self, path: str = MANIFEST_NAME) -> "Manifest":
         """Raise ManifestError listing every problem :func:`check_manifest` finds; else self."""
@@ -254,6 +248,10 @@ _GROUP_KEYS = {
 }
 _PARAM_KEYS = {"name", "shape", "dtype", "offset", "aliases"}
 _FILE_KEYS = {"path", "bytes", "checksum", "rank", "tensors"}
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in a manifest")
 
 
 def _reject_unknown(doc: dict, allowed: set[str], path: str, where: str) -> None:
@@ -283,29 +281,95 @@ def _group_to_dict(g: GroupMeta) -> dict[str, Any]:
     }
 
 
-def _group_from_dict(d: dict, path: str, index: int) -> GroupMeta:
-    _reject_unknown(d, _GROUP_KEYS, path, f"groups[{index}]")
+class _Fields:
+    """Typed access to one JSON object of the manifest; wrong types -> ManifestError naming
+    the field (``groups[0].params[3].shape``), never a silent conversion."""
+
+    def __init__(self, doc: Any, path: str, where: str, allowed: set[str]) -> None:
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{path}: {where} must be a JSON object, got {type(doc).__name__}", path=path)
+        _reject_unknown(doc, allowed, path, where)
+        self.doc, self.path, self.where = doc, path, where
+
+    def _fail(self, key: str, what: str) -> ManifestError:
+        value = self.doc.get(key)
+        return ManifestError(
+            f"{self.path}: {self.where}.{key} must be {what}, got {value!r}; the manifest is damaged",
+            path=self.path,
+        )
+
+    def has(self, key: str) -> bool:
+        return self.doc.get(key) is not None
+
+    def get(self, key: str) -> Any:
+        if key not in self.doc:
+            raise ManifestError(
+                f"{self.path}: required field {key!r} is missing (in {self.where})", path=self.path
+            )
+        return self.doc[key]
+
+    def int(self, key: str) -> int:
+        v = self.get(key)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self._fail(key, "an integer")
+        return v
+
+    def str(self, key: str, default: str | None = None) -> str:
+        v = self.doc.get(key, default) if default is not None else self.get(key)
+        if not isinstance(v, str):
+            raise self._fail(key, "a string")
+        return v
+
+    def list(self, key: str, default: list | None = None) -> list:
+        v = self.doc.get(key, default) if default is not None else self.get(key)
+        if not isinstance(v, list):
+            raise self._fail(key, "a list")
+        return v
+
+    def ints(self, key: str) -> tuple[int, ...]:
+        v = self.list(key)
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+            raise self._fail(key, "a list of integers")
+        return tuple(v)
+
+    def strs(self, key: str) -> tuple[str, ...]:
+        v = self.list(key, [])
+        if any(not isinstance(x, str) for x in v):
+            raise self._fail(key, "a list of strings")
+        return tuple(v)
+
+    def dict(self, key: str, str_values: bool = False) -> dict[str, Any]:
+        v = self.doc.get(key)
+        if v is None:
+            return {}
+        if not isinstance(v, dict) or (str_values and any(not isinstance(x, str) for x in v.values())):
+            raise self._fail(key, "an object" + (" of strings" if str_values else ""))
+        return dict(v)
+
+
+def _group_from_dict(d: Any, path: str, index: int) -> GroupMeta:
+    f = _Fields(d, path, f"groups[{index}]", _GROUP_KEYS)
     params = []
-    for p in d["params"]:
-        _reject_unknown(p, _PARAM_KEYS, path, f"groups[{index}].params")
+    for i, p in enumerate(f.list("params")):
+        pf = _Fields(p, path, f"groups[{index}].params[{i}]", _PARAM_KEYS)
         params.append(
             ParamMeta(
-                name=str(p["name"]),
-                shape=tuple(int(x) for x in p["shape"]),
-                dtype=str(p["dtype"]),
-                offset=int(p["offset"]),
-                aliases=tuple(str(a) for a in p.get("aliases", ())),
+                name=pf.str("name"),
+                shape=pf.ints("shape"),
+                dtype=pf.str("dtype"),
+                offset=pf.int("offset"),
+                aliases=pf.strs("aliases"),
             )
         )
     return GroupMeta(
-        numel=int(d["numel"]),
-        partition_numel=int(d["partition_numel"]),
-        align=int(d["align"]),
+        numel=f.int("numel"),
+        partition_numel=f.int("partition_numel"),
+        align=f.int("align"),
         params=tuple(params),
-        state_keys=tuple(str(k) for k in d.get("state_keys", ())),
-        hyperparams=dict(d.get("hyperparams") or {}),
-        scalars=dict(d.get("scalars") or {}),
-        state_dtypes={str(k): str(v) for k, v in (d.get("state_dtypes") or {}).items()},
+        state_keys=f.strs("state_keys"),
+        hyperparams=f.dict("hyperparams"),
+        scalars=f.dict("scalars"),
+        state_dtypes=f.dict("state_dtypes", str_values=True),
     )
 
 
@@ -318,15 +382,14 @@ def _file_to_dict(f: FileMeta) -> dict[str, Any]:
     return d
 
 
-def _file_from_dict(d: dict, path: str, where: str) -> FileMeta:
-    _reject_unknown(d, _FILE_KEYS, path, where)
-    rank = d.get("rank")
+def _file_from_dict(d: Any, path: str, where: str) -> FileMeta:
+    f = _Fields(d, path, where, _FILE_KEYS)
     return FileMeta(
-        path=str(d["path"]),
-        bytes=int(d["bytes"]),
-        checksum=str(d["checksum"]),
-        rank=None if rank is None else int(rank),
-        tensors={str(k): str(v) for k, v in (d.get("tensors") or {}).items()},
+        path=f.str("path"),
+        bytes=f.int("bytes"),
+        checksum=f.str("checksum"),
+        rank=f.int("rank") if f.has("rank") else None,
+        tensors=f.dict("tensors", str_values=True),
     )
 
 
@@ -405,8 +468,14 @@ def check_manifest(m: Manifest, path: str = MANIFEST_NAME) -> list[Problem]:
         if f.path in seen_paths:
             bad(f"file {f.path!r} is listed twice", f.rank)
         seen_paths.add(f.path)
-        norm = posixpath.normpath(f.path)
-        if f.path.startswith("/") or norm.startswith("..") or "\\" in f.path or "://" in f.path:
+        parts = f.path.split("/")
+        if (
+            not f.path
+            or f.path.startswith("/")
+            or any(part in ("", ".", "..") for part in parts)
+            or "\\" in f.path
+            or "://" in f.path
+        ):
             bad(f"file path {f.path!r} must be relative and stay inside the checkpoint", f.rank)
         if f.bytes < 0:
             bad(f"file {f.path!r} has negative size {f.bytes}", f.rank)

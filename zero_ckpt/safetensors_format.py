@@ -174,6 +174,10 @@ def header_length(first8: bytes, path: str) -> int:
     return n
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in a safetensors header")
+
+
 def parse_header(prefix: bytes, path: str, file_bytes: int | None = None) -> SafetensorsHeader:
     """Parse ``prefix`` = the first ``8 + N`` bytes of a safetensors file.
 
@@ -187,25 +191,32 @@ def parse_header(prefix: bytes, path: str, file_bytes: int | None = None) -> Saf
             path=path,
         )
     try:
-        doc = json.loads(prefix[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = json.loads(prefix[8 : 8 + n], parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise CorruptShardError(f"{path}: header is not valid JSON ({exc})", path=path) from None
     if not isinstance(doc, dict):
         raise CorruptShardError(f"{path}: header is not a JSON object", path=path)
     data_start = 8 + n
     metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or any(
+        not isinstance(k, str) or not isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CorruptShardError(f"{path}: __metadata__ must map strings to strings", path=path)
     tensors: dict[str, TensorEntry] = {}
     data_end = data_start
     for name, info in doc.items():
         try:
             dtype = from_safetensors_dtype(info["dtype"])
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            ints = (*shape, begin, end)
+            if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in ints):
+                raise ValueError("shape and data_offsets must be non-negative integers")
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptShardError(
                 f"{path}: tensor {name!r} has a malformed header entry ({exc})", path=path
             ) from None
-        if end - begin != math.prod(shape) * dtype_size(dtype) or begin < 0:
+        if end - begin != math.prod(shape) * dtype_size(dtype):
             raise CorruptShardError(
                 f"{path}: tensor {name!r} spans bytes [{begin}, {end}) which does not match "
                 f"shape {list(shape)} of {dtype}",
@@ -214,6 +225,16 @@ def parse_header(prefix: bytes, path: str, file_bytes: int | None = None) -> Saf
         entry = TensorEntry(name, dtype, shape, data_start + begin, data_start + end)
         tensors[name] = entry
         data_end = max(data_end, entry.end)
+    # Tensors must tile the data section without gaps or overlaps, as safetensors requires.
+    cursor = data_start
+    for entry in sorted(tensors.values(), key=lambda e: (e.start, e.end)):
+        if entry.start != cursor:
+            raise CorruptShardError(
+                f"{path}: tensor {entry.name!r} starts at byte {entry.start}, expected {cursor}: "
+                "tensors overlap or leave a gap",
+                path=path,
+            )
+        cursor = entry.end
     if file_bytes is not None and data_end > file_bytes:
         raise CorruptShardError(
             f"{path}: header needs {data_end} bytes but the file has {file_bytes} (truncated?)",

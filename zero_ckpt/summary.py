@@ -26,7 +26,9 @@ __all__ = [
 ]
 
 
-def summarize(manifest: Manifest, *, path: str | None = None, params: bool = False) -> dict[str, Any]:
+def summarize(
+    manifest: Manifest, *, path: str | None = None, params: bool = False
+) -> dict[str, Any]:
     """The inspect summary of ``manifest`` as a JSON-serialisable dict.
 
     Keys: ``path``, ``format``, ``version``, ``created_by``, ``world_size``, ``zero_stage``,

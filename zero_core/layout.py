@@ -40,7 +40,7 @@ def compute_partition_numel(numel: int, world_size: int, align: int) -> int:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if align < 1:
         raise ValueError(f"align must be >= 1, got {align}")
-    return math.ceil(numel / (world_size * align)) * align
+    return -(-numel // (world_size * align)) * align  # integer ceil: exact for any size
 
 
 def overlap(a_start: int, a_end: int, b_start: int, b_end: int) -> tuple[int, int] | None:
