@@ -40,6 +40,9 @@ _EXPORTS = {
     "DestinationExistsError": "zero_ckpt.errors",
     "StorageError": "zero_ckpt.errors",
     "Problem": "zero_ckpt.errors",
+    "parse_size": "zero_ckpt.summary",
+    "summarize": "zero_ckpt.summary",
+    "inspect_checkpoint": "zero_ckpt.summary",
 }
 
 __all__ = list(_EXPORTS)

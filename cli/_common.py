@@ -1,0 +1,172 @@
+"""Options every command shares, the progress-bar adapter and output helpers (no logic).
+
+Exit codes: 0 success, 1 an error about the checkpoint or the storage (printed as one line
+``error: <message>``), 2 a usage error (click's own message).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import click
+
+__all__ = [
+    "CliOptions",
+    "common_options",
+    "json_option",
+    "cli_options",
+    "parse_storage_options",
+    "progress_bar",
+    "echo_json",
+    "SizeType",
+]
+
+
+@dataclass(frozen=True)
+class CliOptions:
+    """What the shared options say: fsspec ``storage_options`` and whether to stay quiet."""
+
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    quiet: bool = False
+
+
+def parse_storage_options(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``("anon=true", "endpoint_url=http://h:9000")`` -> ``{"anon": True, "endpoint_url": ...}``.
+
+    Each value is read as JSON when it is valid JSON (``true``, ``3``, ``{"a": 1}``), else kept
+    as the string. Raises ``click.BadParameter`` (a usage error, exit 2) for a pair without
+    ``=`` or with an empty key.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise click.BadParameter(
+                f"{pair!r} is not KEY=VALUE, e.g. --storage-option anon=true",
+                param_hint="'--storage-option'",
+            )
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def _storage_options_callback(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> dict[str, Any]:
+    return parse_storage_options(value)
+
+
+def common_options(f: Callable) -> Callable:
+    """Add ``--storage-option KEY=VALUE`` (repeatable) and ``--quiet`` to a command or group."""
+    f = click.option(
+        "--quiet",
+        "-q",
+        is_flag=True,
+        help="No progress bar (it is also off when stderr is not a terminal).",
+    )(f)
+    f = click.option(
+        "--storage-option",
+        "-o",
+        "storage_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        callback=_storage_options_callback,
+        help=(
+            "fsspec storage option for the URLs (repeatable); VALUE is read as JSON when it "
+            "parses, else as a string. E.g. -o anon=true -o endpoint_url=http://127.0.0.1:9000"
+        ),
+    )(f)
+    return f
+
+
+def json_option(f: Callable) -> Callable:
+    """Add ``--json``: print the result as one JSON document on stdout."""
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout."
+    )(f)
+
+
+def cli_options(ctx: click.Context, storage_options: dict[str, Any], quiet: bool) -> CliOptions:
+    """Merge a command's shared options with the ones given before the command name.
+
+    ``zero-ckpt -o anon=true inspect s3://b/c`` and ``zero-ckpt inspect s3://b/c -o anon=true``
+    mean the same; a key given to the command wins.
+    """
+    parent = ctx.find_object(CliOptions) or CliOptions()
+    return CliOptions(
+        storage_options={**parent.storage_options, **storage_options},
+        quiet=parent.quiet or quiet,
+    )
+
+
+@contextmanager
+def progress_bar(
+    description: str, *, quiet: bool, force: bool = False, file: Any = None
+) -> Iterator[Callable[[int, int], None] | None]:
+    """Yield a ``progress(done_bytes, total_bytes)`` callback drawing a tqdm bar on stderr.
+
+    Yields None (the library then skips progress work) when ``quiet`` or when stderr is not a
+    terminal, unless ``force``. The library serialises calls, so the bar needs no lock.
+    """
+    stream = file if file is not None else sys.stderr
+    if quiet or not (force or _isatty(stream)):
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(
+        desc=description,
+        total=None,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        file=stream,
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def echo_json(data: Any) -> None:
+    """Print ``data`` as indented JSON on stdout."""
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+class SizeType(click.ParamType):
+    """A byte size such as ``5GB`` or ``512MiB`` (see ``zero_ckpt.summary.parse_size``)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        from zero_ckpt.summary import parse_size
+
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)

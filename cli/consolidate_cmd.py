@@ -1,0 +1,86 @@
+"""``zero-ckpt consolidate SRC OUT``: full (unpartitioned) safetensors weights from a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from cli._common import SizeType, cli_options, common_options, echo_json, json_option, progress_bar
+
+
+@click.command("consolidate")
+@click.argument("src")
+@click.argument("out")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default=None,
+    help="Cast the weights to this dtype (default: each parameter's model dtype).",
+)
+@click.option(
+    "--max-shard-size",
+    type=SizeType(),
+    default=None,
+    metavar="SIZE",
+    help="Split the output into files of at most SIZE (5GB = 5*10^9 bytes, 5GiB = 5*2^30).",
+)
+@click.option(
+    "--include-optimizer",
+    is_flag=True,
+    help="Also write the full optimizer state (exp_avg, ...) next to the weights.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT's files if they already exist.")
+@json_option
+@common_options
+@click.pass_context
+def consolidate(
+    ctx: click.Context,
+    src: str,
+    out: str,
+    dtype: str | None,
+    max_shard_size: int | None,
+    include_optimizer: bool,
+    overwrite: bool,
+    as_json: bool,
+    storage_options: dict[str, Any],
+    quiet: bool,
+) -> None:
+    """Gather the partitioned master weights of SRC into ordinary full tensors in OUT.
+
+    Padding is dropped and fragments are joined, so each parameter comes out whole under its
+    model name, in safetensors files that safetensors.torch.load_file reads.
+
+    \b
+    Examples:
+      zero-ckpt consolidate ./step-1200-dp16 ./hf-out --dtype bfloat16 --max-shard-size 5GB
+      zero-ckpt consolidate ./step-1200 ./full --include-optimizer
+    """
+    import zero_ckpt
+
+    opts = cli_options(ctx, storage_options, quiet)
+    with progress_bar("consolidate", quiet=opts.quiet) as progress:
+        result = zero_ckpt.consolidate(
+            src,
+            out,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            include_optimizer=include_optimizer,
+            overwrite=overwrite,
+            progress=progress,
+            storage_options=opts.storage_options,
+        )
+    if as_json:
+        echo_json(
+            {"src": src, "out": out, "files": list(result.files), "total_bytes": result.total_bytes}
+        )
+    else:
+        from zero_ckpt.summary import format_bytes
+
+        n = len(result.files)
+        click.echo(
+            f"consolidated {src} -> {out}: {n} file{'s' if n != 1 else ''}, "
+            f"{format_bytes(result.total_bytes)}"
+        )
+        for name in result.files:
+            click.echo(f"  {name}")
