@@ -71,6 +71,9 @@ class CopyOp:
     numel: int
     src_dtype: str
     dst_dtype: str
+    # False for a second read of a source range another op of the plan already reads (an
+    # alias, or the master in both model and optimizer output): its bytes are checked once.
+    check_source: bool = True
 
     @property
     def src_nbytes(self) -> int:
@@ -319,7 +322,7 @@ def plan_consolidate(
         files += opt_files
         documents.update(opt_docs)
         documents[OPTIMIZER_META_NAME] = _optimizer_meta(manifest)
-    return ConsolidatePlan(tuple(files), documents)
+    return ConsolidatePlan(tuple(_mark_repeated_reads(files)), documents)
 
 
 def _optimizer_meta(manifest: Manifest) -> bytes:
@@ -397,6 +400,26 @@ def _plan_output_set(
                 p.offset, p.offset + p.numel, t.key, t.name, entry.start, t.dtype,  # type: ignore[arg-type]
             )
         files.append(FilePlan(fname, header_bytes, header, _with_recorded_paths(ops, paths), header.file_bytes))
+    return files, _index_documents(stem, tensors, weight_map, count)
+
+
+def _mark_repeated_reads(files: list[FilePlan]) -> list[FilePlan]:
+    """Flag every op re-reading a source range that an earlier op of the plan reads."""
+    seen: set[tuple[str, int, int]] = set()
+    out = []
+    for f in files:
+        ops = []
+        for op in f.ops:
+            key = (op.src_file, op.src_start, op.src_nbytes)
+            ops.append(op if key not in seen else replace(op, check_source=False))
+            seen.add(key)
+        out.append(replace(f, ops=tuple(ops)))
+    return out
+
+
+def _index_documents(
+    stem: str, tensors: list[_OutTensor], weight_map: dict[str, str], count: int
+) -> dict[str, bytes]:
     documents: dict[str, bytes] = {}
     if count > 1:
         index = {
@@ -404,7 +427,7 @@ def _plan_output_set(
             "weight_map": weight_map,
         }
         documents[f"{stem}.safetensors.index.json"] = (json.dumps(index, indent=2) + "\n").encode()
-    return files, documents
+    return documents
 
 
 # ----- load at another world size --------------------------------------------------------------

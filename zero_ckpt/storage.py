@@ -21,6 +21,7 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from zero_ckpt import knobs
 from zero_ckpt.checksum import crc32c
@@ -70,10 +71,12 @@ class Location:
     def path_of(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
 
-    def same_as(self, other: "Location") -> bool:
-        return type(self.fs) is type(other.fs) and self.fs.unstrip_protocol(
-            self.root
-        ) == other.fs.unstrip_protocol(other.root)
+    def canonical_root(self) -> str:
+        """The directory as one spelling: symlinks, ``.`` and ``..`` resolved on local disk,
+        normalised elsewhere; used to tell whether two locations overlap."""
+        if self.is_local:
+            return os.path.realpath(self.root)
+        return self.fs.unstrip_protocol(posixpath.normpath(self.root))
 
     # ----- queries --------------------------------------------------------------------------
 
@@ -250,12 +253,12 @@ def prepare_destination(src: Location | None, dst: Location, overwrite: bool) ->
     ``overwrite``; with ``overwrite`` the old ``manifest.json`` goes first, so a crash
     midway leaves something recognisably incomplete rather than a stale "complete" one.
     """
-    if src is not None:
-        s = src.fs.unstrip_protocol(src.root).rstrip("/")
-        d = dst.fs.unstrip_protocol(dst.root).rstrip("/")
-        if type(src.fs) is type(dst.fs) and (s == d or s.startswith(d + "/")):
+    if src is not None and type(src.fs) is type(dst.fs):
+        s, d = src.canonical_root(), dst.canonical_root()
+        if s == d or s.startswith(d.rstrip("/") + "/") or d.startswith(s.rstrip("/") + "/"):
             raise DestinationExistsError(
-                f"destination {dst.url} is the source or contains it; choose another destination",
+                f"destination {dst.url} is the source, inside it or contains it; choose a "
+                "destination outside the source checkpoint",
                 path=dst.url,
             )
     if dst.list_files():
@@ -298,8 +301,14 @@ class FileWriter:
                     os.ftruncate(self._fd, size)
                 self._final = path
                 self._stream = None
+            elif isinstance(location.fs, MemoryFileSystem):
+                # fsspec's memory filesystem publishes a file as soon as it is opened and
+                # cannot discard it: stage the bytes here and publish them whole on commit.
+                self._stream = _StagedFile(location.fs, path)
+                self._fd = -1
             else:
-                # Object stores: the object appears only when the upload completes.
+                # Object stores: the object appears only when the upload completes, and
+                # discard() aborts the multipart upload.
                 self._stream = location.fs.open(path, "wb")
                 self._fd = -1
         except OSError as exc:
@@ -399,6 +408,25 @@ class FileWriter:
             self.commit()
         else:
             self.abort()
+
+
+class _StagedFile:
+    """A write stream kept in memory and published in one ``pipe_file`` on close."""
+
+    def __init__(self, fs: Any, path: str) -> None:
+        self.fs, self.path = fs, path
+        self.parts: list[bytes] = []
+
+    def write(self, data) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def close(self) -> None:
+        self.fs.pipe_file(self.path, b"".join(self.parts))
+        self.parts = []
+
+    def discard(self) -> None:
+        self.parts = []
 
 
 def _fsync_dir(path: str) -> None:

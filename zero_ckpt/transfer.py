@@ -321,7 +321,7 @@ def copy_op_into(
         buf = buffers.get(per_chunk * src_size)
         view = memoryview(buf)[: n * src_size]
         src.read_into(op.src_file, op.src_start + done * src_size, view)
-        if checks is not None:
+        if checks is not None and op.check_source:
             checks.add(op.src_file, op.src_tensor, op.src_offset + done * src_size, len(view), crc32c(view))
         if cast:
             values = torch.frombuffer(buf, dtype=_TORCH_DTYPES[op.src_dtype], count=n)

@@ -51,7 +51,8 @@ def verify(
             manifest = load_manifest(loc)
         except CheckpointError as exc:
             kind = "incomplete" if isinstance(exc, FileNotFoundError) else "manifest"
-            report.problems.append(Problem(loc.url_of(MANIFEST_NAME), str(exc), kind))
+            url = loc.url_of(MANIFEST_NAME)
+            report.problems.append(Problem(url, str(exc).removeprefix(url + ": "), kind))
             return report
         report.manifest = manifest
         files = list(manifest.shards) + ([manifest.model_file] if manifest.model_file else [])
