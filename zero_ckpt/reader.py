@@ -38,7 +38,10 @@ class ParamInfo:
 
 class CheckpointReader:
     """An open checkpoint. ``manifest``, ``params`` (name -> ParamInfo, aliases included),
-    ``read(name, key)``. Shard headers are fetched lazily, only for the ranks a read needs."""
+    ``read(name, key)``. Shard headers are fetched lazily, only for the ranks a read needs.
+
+    A read touches part of a tensor, so it cannot check the tensor's checksum: it checks the
+    shard's size and header; ``verify`` (or a full ``load``) checks the bytes."""
 
     def __init__(self, loc: Location, manifest: Manifest) -> None:
         self.location = loc
@@ -72,7 +75,14 @@ class CheckpointReader:
         if header is None:
             meta = self.manifest.shard(rank)
             url = self.location.url_of(meta.path)
-            header, _ = read_header(self.location, meta.path)
+            size = self.location.size(meta.path)
+            if size != meta.bytes:
+                raise CorruptShardError(
+                    f"{url} is {size} bytes, the manifest says {meta.bytes} (truncated or "
+                    "replaced?); run `zero-ckpt verify` for a full check",
+                    path=url, rank=rank, expected=meta.bytes, actual=size,
+                )
+            header, _ = read_header(self.location, meta.path, size)
             raise_problems(check_shard_header(self.manifest, rank, header, url), CorruptShardError)
             with self._lock:
                 self._headers[rank] = header
