@@ -1,0 +1,1145 @@
+"""ZeroOptimizer: ZeRO stage 1/2 over any elementwise torch optimizer.
+
+Per param group (see ``DESIGN.md``, "The flat layout"):
+
+* the group's trainable params, in the given order, become views of ONE flat buffer in the model
+  dtype, ``world_size * partition_numel`` elements long (:class:`zero_core.layout.GroupLayout`);
+* this rank keeps an fp32 master copy of its partition only (``partition_numel`` elements,
+  padding kept zero) and hands the wrapped optimizer that single flat tensor as its parameter,
+  so every optimizer state tensor is ``1/world_size`` of the model;
+* gradients reach the partition averaged over ranks: stage 1 all-reduces them at ``step`` /
+  ``clip_grad_norm`` time; stage 2 reduces them in buckets to their owner from
+  ``register_post_accumulate_grad_hook`` hooks during backward (``param.grad`` is None after
+  backward in stage 2, and after the reduction in stage 1);
+* after the wrapped optimizer's step, the updated partitions are all-gathered (cast to the model
+  dtype) into every rank's flat buffer, i.e. into the model's params.
+
+Collective calls (every rank of the group must make them, in the same order) are marked
+``Collective`` in their docstrings. The methods under "bridge" are the contract
+``zero_ckpt.api`` is written against.
+
+Params are given as torch optimizers accept them: an iterable of tensors, of ``(name, tensor)``
+pairs (``model.named_parameters()``), or of param-group dicts whose ``params`` are either. An
+unnamed param gets the name ``"group{g}.param{i}"`` (``g``: group index, ``i``: position in that
+group as given, frozen params counted). Params with ``requires_grad=False`` are frozen: left
+alone, outside the flat layout, with no master and no state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import weakref
+from collections import OrderedDict
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from zero_core._flat_buffers import (
+    MASTER_DTYPE,
+    SUPPORTED_MODEL_DTYPES,
+    Entry,
+    FlatGroup,
+    build_flat_group,
+    dtype_name,
+)
+from zero_core._grad_reduce import Comm, GradReducer
+from zero_core.layout import Fragment, GroupLayout
+from zero_core.loss_scaler import LossScaler
+
+__all__ = [
+    "ZeroOptimizer",
+    "ZeroConfigError",
+    "ZeroStateDictError",
+    "NON_ELEMENTWISE_NAMES",
+    "DEFAULT_ALIGN",
+    "DEFAULT_BUCKET_NUMEL",
+]
+
+#: Partition alignment in elements (recorded in every layout and checkpoint).
+DEFAULT_ALIGN = 64
+#: Gradient bucket size in elements (a param larger than this gets a bucket of its own).
+DEFAULT_BUCKET_NUMEL = 2**24
+
+#: Optimizer class names (matched case-insensitively as substrings) refused because their update
+#: of one element depends on other elements (layer-wise trust ratios, factored or matrix
+#: preconditioners, line searches), which a flat partition cannot compute. A custom class that
+#: is elementwise despite its name sets the class attribute ``elementwise = True`` (or pass
+#: ``elementwise=True`` to ZeroOptimizer); ``elementwise = False`` refuses any class.
+NON_ELEMENTWISE_NAMES = (
+    "lamb",
+    "lars",
+    "adafactor",
+    "shampoo",
+    "lbfgs",
+    "sparseadam",
+    "novograd",
+    "muon",
+    "soap",
+    "galore",
+    "lomo",
+)
+
+# Hyperparameter names that only make sense per tensor (trust ratios, factored second moments).
+_NON_ELEMENTWISE_DEFAULTS = (
+    "trust_coefficient",
+    "trust_clip",
+    "trust_ratio",
+    "eeta",
+    "relative_step",
+    "scale_parameter",
+    "clip_threshold",
+)
+
+# Key under which each wrapped param group lists its params' names (flat order).
+_NAMES_KEY = "zero_param_names"
+_STATE_DICT_VERSION = 1
+
+
+class ZeroConfigError(ValueError):
+    """ZeroOptimizer was given something it cannot work with; the message says what and how
+    to fix it."""
+
+
+class ZeroStateDictError(ZeroConfigError):
+    """A state dict or partition does not fit this optimizer (world size, rank or layout)."""
+
+
+# ----- argument parsing ----------------------------------------------------------------------
+
+
+def _check_elementwise(optimizer_class: Any, elementwise: bool | None, defaults: dict) -> None:
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise ZeroConfigError(
+            f"optimizer_class must be a torch.optim.Optimizer subclass such as "
+            f"torch.optim.AdamW, got {optimizer_class!r}"
+        )
+    name = optimizer_class.__name__
+    hint = elementwise if elementwise is not None else getattr(optimizer_class, "elementwise", None)
+    if hint is False:
+        raise ZeroConfigError(
+            f"{name} declares elementwise=False: ZeroOptimizer can only wrap optimizers whose "
+            f"update of each element depends on that element alone; use a plain torch optimizer "
+            f"(or DDP) for {name}"
+        )
+    if hint is True:
+        return
+    lowered = name.lower()
+    for bad in NON_ELEMENTWISE_NAMES:
+        if bad in lowered:
+            raise ZeroConfigError(
+                f"{name} is not an elementwise optimizer (it looks at whole tensors: trust "
+                f"ratios, factored or matrix statistics, or line searches), so it cannot step a "
+                f"flat partition; use an elementwise optimizer such as AdamW, or, if {name} "
+                f"really is elementwise, set `elementwise = True` on the class or pass "
+                f"elementwise=True to ZeroOptimizer"
+            )
+    for key in _NON_ELEMENTWISE_DEFAULTS:
+        if key in defaults:
+            raise ZeroConfigError(
+                f"{name} has the per-tensor hyperparameter {key!r}, so it is not elementwise "
+                f"and cannot step a flat partition; use an elementwise optimizer such as "
+                f"AdamW, or pass elementwise=True to ZeroOptimizer if it really is elementwise"
+            )
+
+
+def _parse_groups(params: Any, first_index: int) -> list[tuple[list[tuple[str | None, Any]], dict]]:
+    """``params`` -> ``[(items, options)]`` with ``items = [(name_or_None, tensor)]``."""
+    if isinstance(params, torch.Tensor):
+        raise ZeroConfigError(
+            "params must be an iterable of tensors, (name, tensor) pairs or param-group dicts, "
+            "got a single tensor; wrap it in a list"
+        )
+    items = list(params)
+    if not items:
+        raise ZeroConfigError(
+            "ZeroOptimizer got an empty parameter list; pass model.named_parameters() or a "
+            "non-empty list of param groups"
+        )
+    n_dicts = sum(isinstance(x, dict) for x in items)
+    if n_dicts not in (0, len(items)):
+        raise ZeroConfigError(
+            "params mixes param-group dicts with plain params; pass either a list of dicts "
+            "(each with a 'params' key) or a flat list of params"
+        )
+    groups = items if n_dicts else [{"params": items}]
+    out = []
+    for offset, group in enumerate(groups):
+        g = first_index + offset
+        if "params" not in group:
+            raise ZeroConfigError(f"param group {g} has no 'params' key; add the group's params")
+        raw = group["params"]
+        if isinstance(raw, torch.Tensor):
+            raw = [raw]
+        elif isinstance(raw, set):
+            raise ZeroConfigError(
+                f"param group {g} gives its params as a set, whose order changes between runs; "
+                f"pass a list instead"
+            )
+        raw = list(raw)
+        options = {k: v for k, v in group.items() if k not in ("params", "param_names", _NAMES_KEY)}
+        given_names = group.get("param_names")
+        parsed: list[tuple[str | None, Any]] = []
+        for i, item in enumerate(raw):
+            if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+                parsed.append((item[0], item[1]))
+            else:
+                name = given_names[i] if given_names and len(given_names) == len(raw) else None
+                parsed.append((name, item))
+        out.append((parsed, options))
+    return out
+
+
+def _python_scalar(key: str, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if key == "step" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value
+
+
+def _jsonable(key: str, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ZeroConfigError(
+                f"hyperparameter {key!r} is a tensor of {value.numel()} elements, which a "
+                f"checkpoint manifest cannot hold; use a python number"
+            )
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(key, v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ZeroConfigError(
+        f"hyperparameter {key!r} has the type {type(value).__name__}, which a checkpoint "
+        f"manifest cannot hold; use numbers, strings, booleans, None or lists of them"
+    )
+
+
+def _layout_record(layout: GroupLayout) -> dict[str, Any]:
+    return {
+        "numel": layout.numel,
+        "partition_numel": layout.partition_numel,
+        "align": layout.align,
+        "world_size": layout.world_size,
+        "params": [[p.name, list(p.shape), p.dtype, p.offset] for p in layout.params],
+    }
+
+
+def _describe_signature_mismatch(sigs: list[Any]) -> str | None:
+    ref = sigs[0]
+    for r, sig in enumerate(sigs[1:], start=1):
+        if sig == ref:
+            continue
+        if sig["config"] != ref["config"]:
+            return (
+                f"rank 0 has (stage, align, optimizer) {ref['config']}, rank {r} has "
+                f"{sig['config']}"
+            )
+        a, b = ref["groups"], sig["groups"]
+        if len(a) != len(b):
+            return f"rank 0 has {len(a)} param groups, rank {r} has {len(b)}"
+        for g, (ga, gb) in enumerate(zip(a, b)):
+            if len(ga) != len(gb):
+                return (
+                    f"group {g}: rank 0 has {len(ga)} trainable params, rank {r} has {len(gb)}"
+                )
+            for j, (pa, pb) in enumerate(zip(ga, gb)):
+                if pa != pb:
+                    return (
+                        f"group {g} param {j}: rank 0 has {pa[0]!r} shape {tuple(pa[1])} "
+                        f"{pa[2]}, rank {r} has {pb[0]!r} shape {tuple(pb[1])} {pb[2]}"
+                    )
+        return f"rank {r} differs from rank 0"
+    return None
+
+
+# ----- the optimizer -------------------------------------------------------------------------
+
+
+class ZeroOptimizer(torch.optim.Optimizer):
+    """ZeRO stage 1/2 wrapper around an elementwise ``optimizer_class``.
+
+    Collective (construction): call on all ranks of ``process_group`` with the same params
+    (count, order, names, shapes, dtypes); this is checked with one ``all_gather_object``.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs or param-group dicts (see the module doc).
+        optimizer_class: an elementwise ``torch.optim.Optimizer`` subclass (Adam, AdamW, SGD,
+            Adagrad, RMSprop, ...). Known non-elementwise ones are refused (see
+            :data:`NON_ELEMENTWISE_NAMES`); ``elementwise=True`` overrides the check.
+        stage: 1 (all-reduce gradients at step time) or 2 (reduce buckets to their owners
+            during backward).
+        process_group: the data-parallel group (default: the world group; world size 1 works
+            without ``torch.distributed`` initialised).
+        align: partition alignment in elements.
+        bucket_numel: gradient bucket size in elements.
+        reduce_dtype: dtype gradients are summed in across ranks (default: the model dtype;
+            ``torch.float32`` for exact sums of bf16/fp16 gradients).
+        loss_scale: None (no scaling), ``"dynamic"`` or a positive float (static scale);
+            ``loss_scale_options`` are passed to :class:`~zero_core.loss_scaler.LossScaler`
+            (``init_scale``, ``growth_interval``, ``growth_factor``, ``backoff_factor``,
+            ``min_scale``).
+        broadcast_params: copy rank 0's initial param values to every rank (as DDP does).
+        **defaults: passed to ``optimizer_class`` (``lr``, ``betas``, ``weight_decay``, ...);
+            per-group options in param-group dicts are passed through as well.
+
+    After construction the model's trainable params are views of the flat buffers: do not
+    reassign ``param.data`` or move/cast the model; after writing into the params in place
+    (``model.load_state_dict``) call :meth:`sync_masters_from_model`.
+    ``param_groups[g]["params"]`` holds the flat fp32 master, not the model params (use
+    :meth:`group_params`).
+
+    Gradient accumulation: several backward passes before ``step`` add up (as in torch; scale
+    the loss by ``1/steps`` yourself); inside :meth:`no_sync` stage 2 skips communication and
+    keeps gradients in ``param.grad`` until the next backward outside it (or ``step``). Every
+    rank must produce gradients for the same params. Within a group, a param that got no
+    gradient is stepped with a zero gradient (a plain optimizer would skip it); a group with
+    no gradient at all is skipped, as torch does.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        optimizer_class: type[torch.optim.Optimizer],
+        *,
+        stage: int = 2,
+        process_group: Any = None,
+        align: int = DEFAULT_ALIGN,
+        bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+        reduce_dtype: torch.dtype | None = None,
+        loss_scale: None | str | float = None,
+        loss_scale_options: dict[str, Any] | None = None,
+        broadcast_params: bool = True,
+        elementwise: bool | None = None,
+        **defaults: Any,
+    ) -> None:
+        if isinstance(stage, bool) or stage not in (1, 2):
+            raise ZeroConfigError(
+                f"stage must be 1 (partitioned optimizer state) or 2 (also partitioned "
+                f"gradients), got {stage!r}"
+            )
+        for label, value in (("align", align), ("bucket_numel", bucket_numel)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ZeroConfigError(f"{label} must be a positive int (elements), got {value!r}")
+        if reduce_dtype is not None and reduce_dtype not in SUPPORTED_MODEL_DTYPES:
+            raise ZeroConfigError(
+                f"reduce_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                f"got {reduce_dtype!r}"
+            )
+        self._scaler = self._make_scaler(loss_scale, loss_scale_options)
+
+        _check_elementwise(optimizer_class, elementwise, {})
+        # Instantiate once on a dummy tensor: validates the hyperparameters (torch's own errors)
+        # and reveals the class defaults, before anything touches the model.
+        probe = optimizer_class([torch.zeros(1, requires_grad=True)], **defaults)
+        _check_elementwise(optimizer_class, elementwise, probe.defaults)
+        del probe
+
+        self._optimizer_class = optimizer_class
+        self._defaults = dict(defaults)
+        try:
+            self._comm = Comm(process_group)
+        except ValueError as exc:
+            raise ZeroConfigError(str(exc)) from None
+        self.stage = stage
+        self.align = align
+        self.bucket_numel = bucket_numel
+        self._broadcast_params = broadcast_params
+        self._groups: list[FlatGroup] = []
+        self._named: bool | None = None
+        self._names: dict[str, tuple[int, int]] = {}
+        self._frozen_names: set[str] = set()
+        self._ids: dict[int, tuple[int, int]] = {}
+        self._seen_ids: set[int] = set()
+        self._hook_handles: list[Any] = []
+        self._no_sync_depth = 0
+        self._callback_queued = False
+        self._grads_prepared = False
+        self._found_inf = False
+        #: True when the last :meth:`step` was skipped because of an fp16 overflow.
+        self.last_step_skipped = False
+        self._reducer = GradReducer(
+            self._comm, stage=stage, bucket_numel=bucket_numel, reduce_dtype=reduce_dtype
+        )
+
+        # torch.optim.Optimizer plumbing (LR schedulers require an Optimizer instance; hooks).
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+        parsed = _parse_groups(params, 0)
+        entry_groups = [self._make_entries(g, items) for g, (items, _) in enumerate(parsed)]
+        self._check_same_on_all_ranks(entry_groups, first_group=0)
+        masters = []
+        for entries in entry_groups:
+            fg = self._install_group(entries)
+            masters.append(fg.master)
+        self.optim = optimizer_class(
+            [{"params": [m], **opts} for m, (_, opts) in zip(masters, parsed)], **defaults
+        )
+        self.defaults = self.optim.defaults
+        for g, fg in enumerate(self._groups):
+            self.optim.param_groups[g][_NAMES_KEY] = [p.name for p in fg.layout.params]
+
+    # ----- construction helpers -----------------------------------------------------------
+
+    @staticmethod
+    def _make_scaler(loss_scale: Any, options: dict[str, Any] | None) -> LossScaler | None:
+        options = dict(options or {})
+        if loss_scale is None:
+            if options:
+                raise ZeroConfigError("loss_scale_options given without loss_scale; pass "
+                                      "loss_scale='dynamic' or a float")
+            return None
+        if loss_scale == "dynamic":
+            return LossScaler(**{"init_scale": 2.0**16, **options}, dynamic=True)
+        if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
+            if not (math.isfinite(loss_scale) and loss_scale > 0):
+                raise ZeroConfigError(f"loss_scale must be positive and finite, got {loss_scale}")
+            return LossScaler(float(loss_scale), dynamic=False, **options)
+        raise ZeroConfigError(
+            f"loss_scale must be None, 'dynamic' or a positive float, got {loss_scale!r}"
+        )
+
+    def _make_entries(self, g: int, items: list[tuple[str | None, Any]]) -> list[Entry]:
+        entries = []
+        seen_here: set[int] = set()
+        for i, (name, p) in enumerate(items):
+            if not isinstance(p, torch.Tensor):
+                raise ZeroConfigError(
+                    f"group {g} item {i} is a {type(p).__name__}, not a tensor; pass params, "
+                    f"(name, param) pairs or param-group dicts"
+                )
+            named = name is not None
+            if self._named is None:
+                self._named = named
+            elif self._named != named:
+                raise ZeroConfigError(
+                    "some params are given with names and some without; pass all as "
+                    "(name, param) pairs (model.named_parameters()) or all as plain params"
+                )
+            name = name if named else f"group{g}.param{i}"
+            if id(p) in self._seen_ids or id(p) in seen_here:
+                raise ZeroConfigError(
+                    f"param {name!r} appears more than once in the param groups; list every "
+                    f"param once (tied weights: pass the shared param once)"
+                )
+            if name in self._names or name in self._frozen_names or any(
+                e.name == name for e in entries
+            ):
+                raise ZeroConfigError(f"param name {name!r} is used twice; names must be unique")
+            if not p.is_leaf:
+                raise ZeroConfigError(f"param {name!r} is not a leaf tensor; pass model params")
+            trainable = bool(p.requires_grad)
+            if trainable and p.dtype not in SUPPORTED_MODEL_DTYPES:
+                raise ZeroConfigError(
+                    f"param {name!r} has dtype {dtype_name(p.dtype)}; ZeroOptimizer supports "
+                    f"float32, bfloat16 and float16 params (fp32 masters); cast the model"
+                )
+            seen_here.add(id(p))
+            entries.append(Entry(name, p, trainable))
+        trainable = [e for e in entries if e.trainable]
+        if trainable:
+            first = trainable[0].param
+            for e in trainable[1:]:
+                if e.param.dtype != first.dtype or e.param.device != first.device:
+                    raise ZeroConfigError(
+                        f"group {g} mixes params of dtype/device {dtype_name(first.dtype)}/"
+                        f"{first.device} ({trainable[0].name!r}) and "
+                        f"{dtype_name(e.param.dtype)}/{e.param.device} ({e.name!r}); put params "
+                        f"of different dtypes or devices into separate param groups"
+                    )
+        return entries
+
+    def _check_same_on_all_ranks(self, entry_groups: list[list[Entry]], first_group: int) -> None:
+        sig = {
+            "config": (self.stage, self.align, self._optimizer_class.__name__),
+            "groups": [
+                [
+                    (e.name, tuple(e.param.shape), dtype_name(e.param.dtype))
+                    for e in entries
+                    if e.trainable
+                ]
+                for entries in entry_groups
+            ],
+        }
+        problem = _describe_signature_mismatch(self._comm.all_gather_object(sig))
+        if problem is not None:
+            where = "" if first_group == 0 else f" (groups from index {first_group})"
+            raise ZeroConfigError(
+                f"ZeroOptimizer params differ across ranks{where}: {problem}; every rank must "
+                f"build ZeroOptimizer over the same model and param groups (same params in the "
+                f"same order, shapes and dtypes) and the same stage, align and optimizer class"
+            )
+
+    def _install_group(self, entries: list[Entry]) -> FlatGroup:
+        g = len(self._groups)
+        fg = build_flat_group(
+            entries, world_size=self._comm.world_size, rank=self._comm.rank, align=self.align
+        )
+        if self._broadcast_params and fg.flat.numel():
+            with torch.no_grad():
+                self._comm.broadcast(fg.flat, src=0)
+        fg.init_master()
+        self._groups.append(fg)
+        for e in entries:
+            self._seen_ids.add(id(e.param))
+            if not e.trainable:
+                self._frozen_names.add(e.name)
+        for i, p in enumerate(fg.params):
+            self._ids[id(p)] = (g, i)
+            self._names[fg.layout.params[i].name] = (g, i)
+        self._reducer.add_group(fg)
+        if self.stage == 2:
+            for i, p in enumerate(fg.params):
+                self._hook_handles.append(
+                    p.register_post_accumulate_grad_hook(_make_grad_hook(self, g, i))
+                )
+        return fg
+
+    # ----- torch.optim.Optimizer surface --------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The wrapped optimizer's groups (one flat fp32 master each), plus
+        ``"zero_param_names"``. Changing ``lr`` etc. here takes effect on the next step."""
+        return self.optim.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        """The wrapped optimizer's state, keyed by the flat master partitions."""
+        return self.optim.state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (same forms as the constructor's dicts).
+
+        Collective: call on all ranks with the same group (checked).
+        """
+        g = len(self._groups)
+        ((items, options),) = _parse_groups([param_group], g)
+        entries = self._make_entries(g, items)
+        self._check_same_on_all_ranks([entries], first_group=g)
+        fg = self._install_group(entries)
+        self.optim.add_param_group({"params": [fg.master], **options})
+        self.optim.param_groups[g][_NAMES_KEY] = [p.name for p in fg.layout.params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the partition gradients and any gradients left in the model's params."""
+        for fg in self._groups:
+            for p in fg.params:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_()
+                    p.grad.zero_()
+        self._reducer.zero_grad(set_to_none)
+        self._grads_prepared = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Reduce outstanding gradients, step the partition, all-gather the model.
+
+        Collective. With loss scaling, an overflow on any rank skips the step on every rank
+        (``last_step_skipped`` is then True) and lowers a dynamic scale.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found_inf = self._prepare_grads()
+        self._grads_prepared = False
+        if found_inf:
+            assert self._scaler is not None
+            self._scaler.update(True)
+            self.last_step_skipped = True
+            return loss
+        parts = self._reducer.part_grads
+        for g, fg in enumerate(self._groups):
+            fg.master.grad = parts[g] if self._reducer.has_grad[g] else None
+        try:
+            self.optim.step()
+        finally:
+            for fg in self._groups:
+                fg.master.grad = None
+        for fg in self._groups:
+            fg.zero_master_padding()
+        self.sync_model_from_masters()
+        if self._scaler is not None:
+            self._scaler.update(False)
+        self.last_step_skipped = False
+        return loss
+
+    # ----- gradients ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside keep their gradients local (in ``param.grad``, accumulated).
+
+        The next backward outside (or ``step``) reduces the accumulated sum. Stage 1 reduces
+        only at step time anyway, so there this is a no-op.
+        """
+        self._no_sync_depth += 1
+        try:
+            yield
+        finally:
+            self._no_sync_depth -= 1
+
+    def _on_param_grad(self, g: int, i: int, p: torch.Tensor) -> None:
+        if self._no_sync_depth or p.grad is None:
+            return
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+            self._callback_queued = True
+        self._grads_prepared = False
+        grad, p.grad = p.grad, None
+        self._reducer.add_param_grad(g, i, grad)
+
+    def _end_backward(self) -> None:
+        self._callback_queued = False
+        self._reducer.flush()
+
+    def _prepare_grads(self) -> bool:
+        """Finish reductions; unscale; agree on overflow. Idempotent until the next backward."""
+        if self._grads_prepared:
+            return self._found_inf
+        self._reducer.reduce_local_grads()
+        found_inf = False
+        if self._scaler is not None:
+            inv = 1.0 / self._scaler.scale
+            bad = False
+            for part in self._reducer.part_grads:
+                if part is not None:
+                    part.mul_(inv)
+                    bad = bad or not bool(torch.isfinite(part).all())
+            found_inf = self._comm.any_true(bad, self._device())
+        self._found_inf = found_inf
+        self._grads_prepared = True
+        return found_inf
+
+    def _device(self) -> torch.device:
+        return self._groups[0].device if self._groups else torch.device("cpu")
+
+    @torch.no_grad()
+    def clip_grad_norm(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        """Clip the gradients of all groups by their global norm; return that norm.
+
+        Collective. Call after the last backward and before :meth:`step`. The norm is over the
+        averaged, unscaled gradients of every trainable param on every rank, exactly what
+        ``torch.nn.utils.clip_grad_norm_`` computes on the unsharded model (0-d fp32 tensor).
+        """
+        found_inf = self._prepare_grads()
+        norm_type = float(norm_type)
+        parts = [p for p in self._reducer.part_grads if p is not None and p.numel()]
+        device = self._device()
+        if norm_type == math.inf:
+            local = torch.zeros((), dtype=MASTER_DTYPE, device=device)
+            for p in parts:
+                local = torch.maximum(local, p.abs().max())
+            self._comm.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
+            total = local
+        else:
+            local = torch.zeros((), dtype=MASTER_DTYPE, device=device)
+            for p in parts:
+                local = local + torch.linalg.vector_norm(p, norm_type) ** norm_type
+            self._comm.all_reduce(local)
+            total = local ** (1.0 / norm_type)
+        if error_if_nonfinite and not found_inf and not bool(torch.isfinite(total)):
+            raise RuntimeError(
+                f"the total norm of order {norm_type} of the gradients is non-finite, so it "
+                f"cannot be clipped; pass error_if_nonfinite=False to clip anyway"
+            )
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in parts:
+            p.mul_(coef)
+        return total
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss * scale`` with loss scaling, else ``loss``."""
+        return loss if self._scaler is None else loss * self._scaler.scale
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """``scale_loss(loss).backward(**kwargs)``."""
+        self.scale_loss(loss).backward(**kwargs)
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current loss scale, or None without scaling."""
+        return None if self._scaler is None else self._scaler.scale
+
+    def remove_hooks(self) -> None:
+        """Detach the stage-2 gradient hooks from the model's params."""
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles.clear()
+
+    # ----- per-parameter access (fragment map) --------------------------------------------
+
+    def _locate(self, param_or_name: Any) -> tuple[int, int]:
+        if isinstance(param_or_name, str):
+            if param_or_name in self._names:
+                return self._names[param_or_name]
+            if param_or_name in self._frozen_names:
+                raise KeyError(
+                    f"param {param_or_name!r} is frozen (requires_grad=False); ZeroOptimizer "
+                    f"keeps no master or state for it"
+                )
+            raise KeyError(f"no trainable param named {param_or_name!r} in this optimizer")
+        if isinstance(param_or_name, torch.Tensor) and id(param_or_name) in self._ids:
+            return self._ids[id(param_or_name)]
+        raise KeyError(f"{type(param_or_name).__name__} is not a trainable param of this optimizer")
+
+    def _partition_tensor(self, g: int, key: str) -> torch.Tensor:
+        fg = self._groups[g]
+        if key == "master":
+            return fg.master_data
+        if key == "grad":
+            part = self._reducer.part_grads[g]
+            if part is None:
+                raise KeyError(f"group {g} has no partition gradient (no backward since zero_grad)")
+            return part
+        value = self.optim.state.get(fg.master, {}).get(key)
+        if value is None:
+            raise KeyError(f"group {g} has no optimizer state {key!r} (yet)")
+        if not isinstance(value, torch.Tensor) or value.dim() != 1:
+            raise KeyError(f"optimizer state {key!r} is a scalar, not a partition")
+        return value
+
+    def get_local_fragment(
+        self, param_or_name: Any, key: str = "master"
+    ) -> tuple[Fragment | None, torch.Tensor]:
+        """This rank's fragment of a param and a live 1-D view of ``key`` over it.
+
+        Not collective (no communication). ``key``: ``"master"``, ``"grad"`` (the averaged
+        partition gradient) or a tensor state name (``"exp_avg"``, ...). The view holds the
+        param's flattened elements ``[fragment.param_start, fragment.param_start + numel)``;
+        ``(None, empty tensor)`` when this rank holds none of the param.
+        """
+        g, i = self._locate(param_or_name)
+        tensor = self._partition_tensor(g, key)
+        rank = self._comm.rank
+        for frag in self._groups[g].layout.fragments_of_param(i):
+            if frag.rank == rank:
+                return frag, tensor[frag.partition_start : frag.partition_start + frag.numel]
+        return None, tensor[:0]
+
+    def _gather_param(self, g: int, i: int, tensor: torch.Tensor) -> torch.Tensor:
+        spec = self._groups[g].layout.params[i]
+        out = torch.zeros(spec.numel, dtype=tensor.dtype, device=tensor.device)
+        for frag in self._groups[g].layout.fragments_of_param(i):
+            piece = out[frag.param_start : frag.param_start + frag.numel]
+            if frag.rank == self._comm.rank:
+                piece.copy_(tensor[frag.partition_start : frag.partition_start + frag.numel])
+            self._comm.broadcast(piece, src=frag.rank)
+        return out.view(spec.shape)
+
+    @torch.no_grad()
+    def get_full_master(self, param_or_name: Any) -> torch.Tensor:
+        """The param's full fp32 master value, shaped like the param (a new tensor).
+
+        Collective: every rank of the group calls it for the same param; each fragment is
+        broadcast from its owner (exact bits).
+        """
+        g, i = self._locate(param_or_name)
+        return self._gather_param(g, i, self._groups[g].master_data)
+
+    @torch.no_grad()
+    def get_full_state(self, param_or_name: Any, key: str) -> torch.Tensor:
+        """The param's full optimizer state ``key`` shaped like the param (a new tensor).
+
+        Collective (as :meth:`get_full_master`). A scalar state (``"step"``) is returned as
+        stored, without communication. KeyError (on every rank) if the state does not exist.
+        """
+        g, i = self._locate(param_or_name)
+        fg = self._groups[g]
+        if key not in ("master", "grad"):
+            value = self.optim.state.get(fg.master, {}).get(key)
+            if isinstance(value, torch.Tensor) and value.dim() == 0:
+                return value.clone()
+            if value is not None and not isinstance(value, torch.Tensor):
+                return value
+        return self._gather_param(g, i, self._partition_tensor(g, key))
+
+    @torch.no_grad()
+    def set_full_master(self, param_or_name: Any, value: torch.Tensor) -> None:
+        """Set a param's value: each rank updates its master fragment and the model param.
+
+        Not collective, but every rank must pass the same full ``value`` (shaped like the
+        param) for the model to stay consistent.
+        """
+        g, i = self._locate(param_or_name)
+        fg = self._groups[g]
+        spec = fg.layout.params[i]
+        value = torch.as_tensor(value)
+        if tuple(value.shape) != spec.shape:
+            raise ZeroConfigError(
+                f"set_full_master({spec.name!r}): value has shape {tuple(value.shape)}, the "
+                f"param has {spec.shape}; pass the full parameter value"
+            )
+        flat = value.reshape(-1).to(device=fg.device, dtype=MASTER_DTYPE)
+        for frag in fg.layout.fragments_of_param(i):
+            if frag.rank == self._comm.rank:
+                fg.master_data[frag.partition_start : frag.partition_start + frag.numel].copy_(
+                    flat[frag.param_start : frag.param_start + frag.numel]
+                )
+        fg.param_view(i).copy_(value.to(device=fg.device, dtype=fg.model_dtype))
+
+    # ----- bridge (zero_ckpt.api is written against these) --------------------------------
+
+    @property
+    def rank(self) -> int:
+        """This process's rank within ``process_group``."""
+        return self._comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size
+
+    @property
+    def process_group(self) -> Any:
+        """The group collectives run over (None when torch.distributed is not initialised)."""
+        return self._comm.group
+
+    @property
+    def layouts(self) -> list[GroupLayout]:
+        """One layout per group at the current world size, names filled in."""
+        return [fg.layout for fg in self._groups]
+
+    def group_params(self, g: int) -> list[torch.nn.Parameter]:
+        """Group ``g``'s trainable params in flat order (frozen ones excluded)."""
+        return list(self._groups[g].params)
+
+    def master_partition(self, g: int) -> torch.Tensor:
+        """Live 1-D fp32 master partition of group ``g`` (``partition_numel`` elements,
+        padding included and zero). Not collective."""
+        return self._groups[g].master_data
+
+    def _split_state(self, g: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        fg = self._groups[g]
+        pn = fg.layout.partition_numel
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, Any] = {}
+        for key, value in self.optim.state.get(fg.master, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == pn:
+                tensors[key] = value
+            elif isinstance(value, torch.Tensor) and value.numel() == 1:
+                scalars[key] = value
+            elif isinstance(value, (bool, int, float)):
+                scalars[key] = value
+            else:
+                raise ZeroConfigError(
+                    f"{self._optimizer_class.__name__} keeps state {key!r} of type/shape "
+                    f"{getattr(value, 'shape', type(value).__name__)}, which is neither a "
+                    f"per-element tensor nor a scalar: it is not elementwise; use an "
+                    f"elementwise optimizer"
+                )
+        return tensors, scalars
+
+    def state_partitions(self, g: int) -> dict[str, torch.Tensor]:
+        """Live 1-D tensors (``partition_numel`` each) of every tensor-valued elementwise state
+        of group ``g`` (``exp_avg``, ``momentum_buffer``, ...); empty before state exists.
+        Not collective."""
+        return self._split_state(g)[0]
+
+    def group_scalars(self, g: int) -> dict[str, Any]:
+        """Scalar state of group ``g`` as python numbers (``{"step": 12}``). Not collective."""
+        return {k: _python_scalar(k, v) for k, v in self._split_state(g)[1].items()}
+
+    def group_hyperparams(self, g: int) -> dict[str, Any]:
+        """JSON-serialisable hyperparameters of group ``g`` (tuples as lists), without
+        ``params``. Not collective."""
+        group = self.optim.param_groups[g]
+        return {
+            k: _jsonable(k, v) for k, v in group.items() if k not in ("params", _NAMES_KEY)
+        }
+
+    @torch.no_grad()
+    def load_hyperparams(self, g: int, hyperparams: dict[str, Any]) -> None:
+        """Set group ``g``'s hyperparameters (lists become tuples where torch keeps tuples).
+        Not collective."""
+        group = self.optim.param_groups[g]
+        for key, value in hyperparams.items():
+            if key in ("params", _NAMES_KEY, "param_names"):
+                continue
+            current = group.get(key)
+            if isinstance(current, torch.Tensor):
+                current.fill_(value)
+            elif isinstance(current, tuple) and isinstance(value, (list, tuple)):
+                group[key] = tuple(value)
+            else:
+                group[key] = value
+
+    @torch.no_grad()
+    def load_partition(
+        self, g: int, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]
+    ) -> None:
+        """Load this rank's partition of group ``g``. Not collective.
+
+        ``tensors["master"]`` and every other entry (tensor state such as ``exp_avg``) are 1-D
+        with at most ``partition_numel`` elements (normally the real, unpadded part); they are
+        copied to the head of the partition and the rest is zeroed. State is created if the
+        wrapped optimizer has none yet. ``scalars`` (``{"step": 12}``) are stored as the wrapped
+        optimizer keeps them (``step``: 0-d float32 tensor for torch optimizers). The model
+        params are NOT updated: call :meth:`sync_model_from_masters` afterwards.
+        """
+        fg = self._groups[g]
+        pn = fg.layout.partition_numel
+        if "master" not in tensors:
+            raise ZeroStateDictError(f"load_partition(group {g}): no 'master' tensor given")
+
+        def fill(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:
+            src = src.reshape(-1) if src.dim() == 0 else src
+            if src.dim() != 1 or src.numel() > pn:
+                raise ZeroStateDictError(
+                    f"load_partition(group {g}, {key!r}): got shape {tuple(src.shape)}, expected "
+                    f"1-D with at most {pn} elements (this rank's partition); the checkpoint "
+                    f"does not match this layout"
+                )
+            n = src.numel()
+            dst[:n].copy_(src)
+            dst[n:].zero_()
+
+        fill(fg.master_data, tensors["master"], "master")
+        state = self.optim.state[fg.master]
+        for key, src in tensors.items():
+            if key == "master":
+                continue
+            dst = state.get(key)
+            if not (isinstance(dst, torch.Tensor) and dst.dim() == 1 and dst.numel() == pn):
+                dtype = MASTER_DTYPE if src.is_floating_point() else src.dtype
+                dst = torch.zeros(pn, dtype=dtype, device=fg.device)
+                state[key] = dst
+            fill(dst, src, key)
+        group = self.optim.param_groups[g]
+        for key, value in scalars.items():
+            current = state.get(key)
+            if isinstance(current, torch.Tensor):
+                state[key] = torch.tensor(value, dtype=current.dtype, device=current.device)
+            elif current is not None:
+                state[key] = type(current)(value)
+            else:
+                on_device = group.get("fused") or group.get("capturable")
+                dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                state[key] = torch.tensor(
+                    value, dtype=dtype, device=fg.device if on_device else torch.device("cpu")
+                )
+
+    @torch.no_grad()
+    def sync_model_from_masters(self) -> None:
+        """Write every rank's master partition (cast to the model dtype) into every rank's
+        model flat buffer. Collective."""
+        for fg in self._groups:
+            if fg.flat.numel():
+                self._comm.all_gather_into(fg.flat, fg.master_data.to(fg.model_dtype))
+
+    @torch.no_grad()
+    def sync_masters_from_model(self) -> None:
+        """Copy the model's current values into this rank's master partitions (e.g. after
+        ``model.load_state_dict``, which writes into the params in place). Not collective:
+        each rank reads its own partition of its flat buffer."""
+        for fg in self._groups:
+            n = fg.real_partition_numel()
+            fg.master_data[:n].copy_(fg.own_flat_slice()[:n])
+            fg.master_data[n:].zero_()
+
+    def loss_scaler_state(self) -> dict[str, Any]:
+        """The loss scaler's JSON-serialisable state; ``{}`` without loss scaling."""
+        return {} if self._scaler is None else self._scaler.state_dict()
+
+    def load_loss_scaler_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`loss_scaler_state`; ignored (empty or not) without loss scaling."""
+        if self._scaler is not None and state:
+            self._scaler.load_state_dict(state)
+
+    # ----- state dicts --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """This rank's shard (live tensors, not copies) plus layout info. Not collective.
+
+        Only :meth:`load_state_dict` of an optimizer with the same world size, rank and layout
+        can load it; use ``zero_ckpt`` to change world size, :meth:`consolidate_state_dict`
+        for a plain torch state dict.
+        """
+        return {
+            "zero_optimizer": {
+                "version": _STATE_DICT_VERSION,
+                "world_size": self.world_size,
+                "rank": self.rank,
+                "stage": self.stage,
+                "optimizer_class": self._optimizer_class.__name__,
+                "layouts": [_layout_record(fg.layout) for fg in self._groups],
+            },
+            "groups": [
+                {
+                    "master": fg.master_data,
+                    "state": self.state_partitions(g),
+                    "scalars": self.group_scalars(g),
+                    "hyperparams": self.group_hyperparams(g),
+                }
+                for g, fg in enumerate(self._groups)
+            ],
+            "loss_scaler": self.loss_scaler_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load :meth:`state_dict` output saved by the same rank at the same world size and
+        layout (checked; :class:`ZeroStateDictError` otherwise), then update the model.
+
+        Collective (the model params are all-gathered from the loaded masters).
+        """
+        info = state_dict.get("zero_optimizer") if isinstance(state_dict, dict) else None
+        if not isinstance(info, dict) or "groups" not in state_dict:
+            raise ZeroStateDictError(
+                "this is not a ZeroOptimizer state dict (no 'zero_optimizer' entry); for a plain "
+                "torch optimizer state dict load it into a plain optimizer, for a zero-ckpt "
+                "checkpoint use zero_ckpt.load"
+            )
+        if info.get("version") != _STATE_DICT_VERSION:
+            raise ZeroStateDictError(
+                f"ZeroOptimizer state dict version {info.get('version')!r} is not supported "
+                f"(expected {_STATE_DICT_VERSION}); save it again with this version"
+            )
+        if info["world_size"] != self.world_size:
+            raise ZeroStateDictError(
+                f"state dict was saved at world size {info['world_size']}, this optimizer runs "
+                f"at {self.world_size}; load at the same world size or save with zero_ckpt, "
+                f"which reshards"
+            )
+        if info["rank"] != self.rank:
+            raise ZeroStateDictError(
+                f"state dict holds rank {info['rank']}'s shard but this is rank {self.rank}; "
+                f"load each rank's own file"
+            )
+        mine = [_layout_record(fg.layout) for fg in self._groups]
+        if info["layouts"] != mine:
+            g = next(
+                (k for k, (a, b) in enumerate(zip(info["layouts"], mine)) if a != b),
+                min(len(mine), len(info["layouts"])),
+            )
+            raise ZeroStateDictError(
+                f"state dict layout differs from this optimizer's at group {g} (params, shapes, "
+                f"dtypes, align or group count); build the optimizer over the same model, param "
+                f"groups and align as when saving"
+            )
+        for g, group in enumerate(state_dict["groups"]):
+            self.load_partition(g, {"master": group["master"], **group["state"]}, group["scalars"])
+            self.load_hyperparams(g, group["hyperparams"])
+        self.load_loss_scaler_state(state_dict.get("loss_scaler") or {})
+        self.sync_model_from_masters()
+
+    @torch.no_grad()
+    def consolidate_state_dict(self, to: int = 0) -> dict[str, Any] | None:
+        """A plain ``optimizer_class`` state dict over the same params, on rank ``to``.
+
+        Collective (every partition of every state tensor is gathered to ``to``). Returns, on
+        rank ``to``, ``{"state": {param_id: {...}}, "param_groups": [...]}`` exactly as a
+        non-sharded ``optimizer_class`` built from the same params would store it: ids count
+        every given param (frozen ones included, they have no state) in group order, each state
+        tensor is shaped like its param (fp32), ``step`` as torch keeps it; ``param_names`` when
+        names were given. Other ranks get None.
+        """
+        if not 0 <= to < self.world_size:
+            raise ZeroConfigError(f"to={to} is not a rank of a group of size {self.world_size}")
+        me = self.rank == to
+        state: dict[int, dict[str, Any]] = {}
+        groups: list[dict[str, Any]] = []
+        next_id = 0
+        for g, fg in enumerate(self._groups):
+            tensors, _ = self._split_state(g)
+            full = {}
+            for key, t in tensors.items():
+                gathered = self._comm.gather(t.contiguous(), to)
+                if me:
+                    assert gathered is not None
+                    full[key] = torch.cat(gathered)[: fg.layout.numel]
+            if not me:
+                continue
+            raw = self.optim.state.get(fg.master, {})
+            frozen_state = self._frozen_initial_state(g)
+            ids = []
+            index = 0
+            for entry in fg.entries:
+                ids.append(next_id)
+                if entry.trainable:
+                    spec = fg.layout.params[index]
+                    index += 1
+                    if raw:
+                        per_param: dict[str, Any] = {}
+                        for key, value in raw.items():
+                            if key in full:
+                                per_param[key] = (
+                                    full[key][spec.offset : spec.end].view(spec.shape).clone()
+                                )
+                            elif isinstance(value, torch.Tensor):
+                                per_param[key] = value.clone()
+                            else:
+                                per_param[key] = copy.deepcopy(value)
+                        state[next_id] = per_param
+                elif id(entry.param) in frozen_state:
+                    state[next_id] = frozen_state[id(entry.param)]
+                next_id += 1
+            group = {
+                k: copy.deepcopy(v)
+                for k, v in self.optim.param_groups[g].items()
+                if k not in ("params", _NAMES_KEY)
+            }
+            if self._named:
+                group["param_names"] = [e.name for e in fg.entries]
+            group["params"] = ids
+            groups.append(group)
+        return {"state": state, "param_groups": groups} if me else None
+
+
+    def _frozen_initial_state(self, g: int) -> dict[int, dict[str, Any]]:
+        """State a plain optimizer creates at construction for group ``g``'s frozen params.
+
+        Frozen params never get a gradient, so a plain optimizer's state for them is whatever
+        its constructor made (none for Adam/SGD; ``step`` and ``sum`` for Adagrad). Probed on
+        the meta device first so that lazily initialised optimizers allocate nothing.
+        """
+        frozen = [e.param for e in self._groups[g].entries if not e.trainable]
+        if not frozen:
+            return {}
+        options = {
+            k: v for k, v in self.optim.param_groups[g].items() if k not in ("params", _NAMES_KEY)
+        }
+
+        def probe(device: torch.device | None) -> tuple[list[torch.Tensor], Any]:
+            tensors = [
+                torch.zeros(p.shape, dtype=p.dtype, device=device or p.device, requires_grad=True)
+                for p in frozen
+            ]
+            return tensors, self._optimizer_class(
+                [{"params": tensors, **options}], **self._defaults
+            )
+
+        try:
+            tensors, plain = probe(torch.device("meta"))
+            if not any(plain.state.get(t) for t in tensors):
+                return {}
+        except Exception:  # an optimizer that cannot live on meta: probe for real
+            pass
+        tensors, plain = probe(None)
+        return {
+            id(p): dict(plain.state[t]) for p, t in zip(frozen, tensors) if plain.state.get(t)
+        }
+
+
+def _make_grad_hook(opt: ZeroOptimizer, g: int, i: int) -> Any:
+    ref = weakref.ref(opt)
+
+    def hook(param: torch.Tensor) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._on_param_grad(g, i, param)
+
+    return hook
