@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from cli._common import SizeType, cli_options, common_options, echo_json, json_option, progress_bar
+from cli.reshard_cmd import announce_part, echo_part, part_options
 
 
 @click.command("consolidate")
@@ -31,6 +32,7 @@ from cli._common import SizeType, cli_options, common_options, echo_json, json_o
     help="Also write the full optimizer state (exp_avg, ...) next to the weights.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT's files if they already exist.")
+@part_options
 @json_option
 @common_options
 @click.pass_context
@@ -42,6 +44,8 @@ def consolidate(
     max_shard_size: int | None,
     include_optimizer: bool,
     overwrite: bool,
+    part: Any,
+    workers: int | None,
     as_json: bool,
     storage_options: dict[str, Any],
     quiet: bool,
@@ -51,14 +55,22 @@ def consolidate(
     Padding is dropped and fragments are joined, so each parameter comes out whole under its
     model name, in safetensors files that safetensors.torch.load_file reads.
 
+    With --part I/N (or under torchrun) this process writes only its share of the output
+    files (use --max-shard-size to have several); the part that completes the set verifies
+    the pooled checksums and writes the index. OUT/_parts/ marks unfinished output.
+
     \b
     Examples:
       zero-ckpt consolidate ./step-1200-dp16 ./hf-out --dtype bfloat16 --max-shard-size 5GB
       zero-ckpt consolidate ./step-1200 ./full --include-optimizer
+      zero-ckpt consolidate SRC ./hf-out --max-shard-size 5GB --part 1/2   # host 1; 0/2 on the other
     """
     import zero_ckpt
 
+    from zero_ckpt.parts import PartResult
+
     opts = cli_options(ctx, storage_options, quiet)
+    part = announce_part(part, opts.quiet)
     with progress_bar("consolidate", quiet=opts.quiet) as progress:
         result = zero_ckpt.consolidate(
             src,
@@ -69,7 +81,12 @@ def consolidate(
             overwrite=overwrite,
             progress=progress,
             storage_options=opts.storage_options,
+            workers=workers,
+            part=part,
         )
+    if isinstance(result, PartResult):
+        echo_part(result, as_json, "consolidated", src, out, {})
+        return
     if as_json:
         echo_json(
             {"src": src, "out": out, "files": list(result.files), "total_bytes": result.total_bytes}

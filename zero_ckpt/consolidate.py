@@ -2,21 +2,28 @@
 
 The output is Hugging Face style safetensors (``model.safetensors`` or
 ``model-0000i-of-0000K.safetensors`` + ``model.safetensors.index.json``), values from the fp32
-masters cast per chunk, so memory stays bounded even for a parameter larger than RAM.
+masters cast per chunk, so memory stays bounded even for a parameter larger than RAM. With
+``part`` the output files are split over processes or hosts (see :mod:`zero_ckpt.parts`): an
+output file is the unit of work, so use ``max_shard_size`` to get several.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
+from zero_ckpt import __version__
 from zero_ckpt.errors import CorruptShardError, raise_problems
-from zero_ckpt.plan import plan_consolidate
-from zero_ckpt.storage import open_location, prepare_destination
+from zero_ckpt.manifest import Manifest
+from zero_ckpt.parts import PartResult, PartSpec, PartWork, make_job, resolve_part, run_part
+from zero_ckpt.plan import ConsolidatePlan, plan_consolidate
+from zero_ckpt.safetensors_format import SafetensorsHeader
+from zero_ckpt.storage import Location, open_location, prepare_destination
 from zero_ckpt.transfer import (
     ProgressFn,
     ProgressTracker,
     SourceChecks,
+    WrittenFile,
     load_manifest,
     read_header,
     read_source_headers,
@@ -49,7 +56,8 @@ def consolidate(
     workers: int | None = None,
     chunk_bytes: int | None = None,
     fsync: bool | None = None,
-) -> ConsolidateResult:
+    part: tuple[int, int] | str | PartSpec | None = None,
+) -> ConsolidateResult | PartResult:
     """Write full tensors of the checkpoint at ``src`` to the directory ``out``.
 
     ``dtype``: output dtype of every param (default: each param's recorded model dtype);
@@ -58,29 +66,25 @@ def consolidate(
     and every state) and ``optimizer.json`` (hyperparameters, scalars). The checkpoint's
     ``model.safetensors`` (buffers, frozen params) is carried into the model files. Every
     master read is verified against the manifest's checksums.
+
+    ``part``: ``(i, n)`` (or ``"i/n"``) writes only part i of the output files split n ways
+    and returns a :class:`~zero_ckpt.parts.PartResult`; the part that completes the set
+    verifies the pooled source checksums and writes the index/optimizer documents. Until then
+    ``out/_parts/`` marks the output incomplete. ``"auto"``: ``(RANK, WORLD_SIZE)`` under
+    torchrun (a collective; rank 0 commits), else the whole job.
     """
+    spec = resolve_part(part)
     with open_location(src, storage_options) as s, open_location(
         out, storage_options if out_storage_options is None else out_storage_options
     ) as d:
-        manifest = load_manifest(s)
-        headers, header_crcs = read_source_headers(s, manifest)
-        by_path = {manifest.shard(r).path: h for r, h in headers.items()}
-        model_header = None
-        if manifest.model_file is not None:
-            mf = manifest.model_file
-            size = s.size(mf.path)
-            if size != mf.bytes:
-                raise CorruptShardError(
-                    f"{s.url_of(mf.path)} is {size} bytes, the manifest says {mf.bytes} "
-                    "(truncated or replaced?)",
-                    path=s.url_of(mf.path),
-                )
-            model_header, header_crcs[mf.path] = read_header(s, mf.path, size)
-            by_path[mf.path] = model_header
-        plan = plan_consolidate(
-            manifest, headers, model_header, dtype=dtype, max_shard_size=max_shard_size,
-            include_optimizer=include_optimizer,
-        )
+        if spec is not None:
+            return run_part(
+                spec, s, d,
+                lambda: _part_work(s, d, dtype, max_shard_size, include_optimizer, spec.parts),
+                overwrite=overwrite, workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
+                progress=progress,
+            )
+        manifest, by_path, header_crcs, plan = _plan(s, dtype, max_shard_size, include_optimizer)
         prepare_destination(s, d, overwrite)
         checks = SourceChecks()
         tracker = ProgressTracker(progress, sum(op.src_nbytes for f in plan.files for op in f.ops))
@@ -89,8 +93,7 @@ def consolidate(
             checks=checks, fsync=fsync,
         )
         try:
-            files = list(manifest.shards) + ([manifest.model_file] if manifest.model_file else [])
-            raise_problems(checks.problems(s, files, by_path, header_crcs), CorruptShardError)
+            raise_problems(checks.problems(s, _source_files(manifest), by_path, header_crcs), CorruptShardError)
             for name, data in plan.documents.items():
                 d.write_atomic(name, data)
         except BaseException:
@@ -100,3 +103,53 @@ def consolidate(
     names = [f.path for f in plan.files] + list(plan.documents)
     total = sum(w.bytes for w in written.values()) + sum(len(b) for b in plan.documents.values())
     return ConsolidateResult(out, names, total)
+
+
+def _source_files(manifest: Manifest) -> list:
+    return list(manifest.shards) + ([manifest.model_file] if manifest.model_file else [])
+
+
+def _plan(
+    s: Location, dtype: str | None, max_shard_size: int | None, include_optimizer: bool
+) -> tuple[Manifest, dict[str, SafetensorsHeader], dict[str, int], ConsolidatePlan]:
+    manifest = load_manifest(s)
+    headers, header_crcs = read_source_headers(s, manifest)
+    by_path = {manifest.shard(r).path: h for r, h in headers.items()}
+    model_header = None
+    if manifest.model_file is not None:
+        mf = manifest.model_file
+        size = s.size(mf.path)
+        if size != mf.bytes:
+            raise CorruptShardError(
+                f"{s.url_of(mf.path)} is {size} bytes, the manifest says {mf.bytes} "
+                "(truncated or replaced?)",
+                path=s.url_of(mf.path),
+            )
+        model_header, header_crcs[mf.path] = read_header(s, mf.path, size)
+        by_path[mf.path] = model_header
+    plan = plan_consolidate(
+        manifest, headers, model_header, dtype=dtype, max_shard_size=max_shard_size,
+        include_optimizer=include_optimizer,
+    )
+    return manifest, by_path, header_crcs, plan
+
+
+def _part_work(
+    s: Location, d: Location, dtype: str | None, max_shard_size: int | None,
+    include_optimizer: bool, parts: int,
+) -> PartWork:
+    manifest, by_path, header_crcs, plan = _plan(s, dtype, max_shard_size, include_optimizer)
+    options = {"dtype": dtype, "max_shard_size": max_shard_size, "include_optimizer": include_optimizer}
+    summary = "consolidate" + "".join(
+        f", {k} {v}" for k, v in options.items() if v not in (None, False)
+    )
+    job = make_job("consolidate", options, manifest, parts, __version__, summary)
+
+    def commit(written: Mapping[str, WrittenFile]) -> None:
+        for name, data in plan.documents.items():
+            d.write_atomic(name, data)
+
+    return PartWork(
+        job, plan.files, tuple(plan.documents), tuple(_source_files(manifest)), by_path,
+        header_crcs, commit,
+    )

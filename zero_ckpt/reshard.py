@@ -1,22 +1,27 @@
 """``reshard``: rewrite a checkpoint for another data-parallel size, streaming, verified.
 
 Reshard never changes a byte of state, only where it lives: every shard of the result is cut
-from the sources' byte ranges by :func:`zero_ckpt.plan.plan_reshard`.
+from the sources' byte ranges by :func:`zero_ckpt.plan.plan_reshard`. With ``part`` the job
+is split over processes or hosts (see :mod:`zero_ckpt.parts`); the last part writes the
+manifest.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Mapping
 
 from zero_ckpt.errors import CorruptShardError, LayoutMismatchError, raise_problems
 from zero_ckpt.manifest import MANIFEST_NAME, MODEL_FILE_NAME, Manifest
-from zero_ckpt.plan import plan_reshard
-from zero_ckpt.storage import open_location, prepare_destination
+from zero_ckpt.parts import PartResult, PartSpec, PartWork, make_job, resolve_part, run_part
+from zero_ckpt.plan import ReshardPlan, plan_reshard
+from zero_ckpt.safetensors_format import SafetensorsHeader
+from zero_ckpt.storage import Location, open_location, prepare_destination
 from zero_ckpt.transfer import (
     ProgressFn,
     ProgressTracker,
     SourceChecks,
+    WrittenFile,
     load_manifest,
     read_source_headers,
     run_file_plans,
@@ -40,7 +45,8 @@ def reshard(
     workers: int | None = None,
     chunk_bytes: int | None = None,
     fsync: bool | None = None,
-) -> Manifest:
+    part: tuple[int, int] | str | PartSpec | None = None,
+) -> Manifest | PartResult:
     """Write the checkpoint at ``src`` to ``dst`` with ``world_size`` shards; returns its manifest.
 
     ``expected_world_size`` (the CLI's ``--from``) must match the checkpoint's. Memory stays
@@ -48,24 +54,29 @@ def reshard(
     byte is checksummed as it passes and compared with the manifest; on any error ``dst`` is
     left without ``manifest.json`` and without the files this call wrote.
     ``progress(done_bytes, total_bytes)`` is called as data moves.
+
+    ``part``: ``(i, n)`` (or ``"i/n"``) runs only part i of the job split n ways and returns a
+    :class:`~zero_ckpt.parts.PartResult`; the part that completes the set writes the
+    manifest (``PartResult.manifest``). ``"auto"``: ``(RANK, WORLD_SIZE)`` under torchrun,
+    a collective over a gloo group that rank 0 commits (every rank must call it), else the
+    whole job. See :mod:`zero_ckpt.parts` for the destination and overwrite rules.
     """
     if world_size < 1:
         raise LayoutMismatchError(f"target world size must be at least 1, got {world_size}")
+    spec = resolve_part(part)
     with open_location(src, storage_options) as s, open_location(
         dst, storage_options if dst_storage_options is None else dst_storage_options
     ) as d:
-        manifest = load_manifest(s)
-        if expected_world_size is not None and expected_world_size != manifest.world_size:
-            raise LayoutMismatchError(
-                f"{src} holds a checkpoint saved at world size {manifest.world_size}, not "
-                f"{expected_world_size}; pass --from {manifest.world_size} or leave --from out",
-                path=s.url_of(MANIFEST_NAME),
-                expected=expected_world_size,
-                actual=manifest.world_size,
+        if spec is not None:
+            result = run_part(
+                spec, s, d, lambda: _part_work(s, d, world_size, expected_world_size, spec.parts),
+                overwrite=overwrite, workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
+                progress=progress,
             )
-        headers, header_crcs = read_source_headers(s, manifest)
-        model_bytes = s.size(manifest.model_file.path) if manifest.model_file else None
-        plan = plan_reshard(manifest, headers, world_size, model_bytes)
+            if result.committed:
+                result = replace(result, manifest=load_manifest(d))
+            return result
+        manifest, headers, header_crcs, plan = _plan(s, world_size, expected_world_size)
         prepare_destination(s, d, overwrite)
         checks = SourceChecks()
         tracker = ProgressTracker(progress, sum(f.data_bytes for f in plan.files))
@@ -74,19 +85,66 @@ def reshard(
             checks=checks, fsync=fsync,
         )
         try:
-            files = list(manifest.shards) + ([manifest.model_file] if manifest.model_file else [])
-            by_path = {manifest.shard(r).path: h for r, h in headers.items()}
-            raise_problems(checks.problems(s, files, by_path, header_crcs), CorruptShardError)
-            shards = tuple(written[f.path].meta(f.rank) for f in plan.files if f.rank is not None)
-            model_file = (
-                replace(manifest.model_file, path=MODEL_FILE_NAME) if manifest.model_file else None
+            raise_problems(
+                checks.problems(s, _source_files(manifest), _by_path(manifest, headers), header_crcs),
+                CorruptShardError,
             )
-            target = replace(
-                plan.target, shards=shards, model_file=model_file, created_by=f"zero-ckpt {_VERSION}"
-            ).validate(d.url_of(MANIFEST_NAME))
+            target = _target(manifest, plan, written, d)
             d.write_atomic(MANIFEST_NAME, target.to_json().encode())
         except BaseException:
             for path in written:
                 d.remove(path)
             raise
     return target
+
+
+def _plan(
+    s: Location, world_size: int, expected_world_size: int | None
+) -> tuple[Manifest, dict[int, SafetensorsHeader], dict[str, int], ReshardPlan]:
+    manifest = load_manifest(s)
+    if expected_world_size is not None and expected_world_size != manifest.world_size:
+        raise LayoutMismatchError(
+            f"{s.url} holds a checkpoint saved at world size {manifest.world_size}, not "
+            f"{expected_world_size}; pass --from {manifest.world_size} or leave --from out",
+            path=s.url_of(MANIFEST_NAME),
+            expected=expected_world_size,
+            actual=manifest.world_size,
+        )
+    headers, header_crcs = read_source_headers(s, manifest)
+    model_bytes = s.size(manifest.model_file.path) if manifest.model_file else None
+    return manifest, headers, header_crcs, plan_reshard(manifest, headers, world_size, model_bytes)
+
+
+def _source_files(manifest: Manifest) -> list:
+    return list(manifest.shards) + ([manifest.model_file] if manifest.model_file else [])
+
+
+def _by_path(manifest: Manifest, headers: Mapping[int, SafetensorsHeader]) -> dict[str, SafetensorsHeader]:
+    return {manifest.shard(r).path: h for r, h in headers.items()}
+
+
+def _target(manifest: Manifest, plan: ReshardPlan, written: Mapping[str, WrittenFile], d: Location) -> Manifest:
+    """The new manifest from what was written: the same bytes whoever computes it."""
+    shards = tuple(written[f.path].meta(f.rank) for f in plan.files if f.rank is not None)
+    model_file = replace(manifest.model_file, path=MODEL_FILE_NAME) if manifest.model_file else None
+    return replace(
+        plan.target, shards=shards, model_file=model_file, created_by=f"zero-ckpt {_VERSION}"
+    ).validate(d.url_of(MANIFEST_NAME))
+
+
+def _part_work(
+    s: Location, d: Location, world_size: int, expected_world_size: int | None, parts: int
+) -> PartWork:
+    manifest, headers, header_crcs, plan = _plan(s, world_size, expected_world_size)
+    job = make_job(
+        "reshard", {"world_size": world_size}, manifest, parts, _VERSION,
+        f"reshard {manifest.world_size} -> {world_size}",
+    )
+
+    def commit(written: Mapping[str, WrittenFile]) -> None:
+        d.write_atomic(MANIFEST_NAME, _target(manifest, plan, written, d).to_json().encode())
+
+    return PartWork(
+        job, plan.files, (MANIFEST_NAME,), tuple(_source_files(manifest)),
+        _by_path(manifest, headers), header_crcs, commit,
+    )
