@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from cli import consolidate_cmd, inspect_cmd, reshard_cmd, verify_cmd
+from cli import consolidate_cmd, convert_cmd, inspect_cmd, list_cmd, reshard_cmd, verify_cmd
 from cli._common import CliOptions, common_options
 
 __all__ = ["cli", "main"]
@@ -84,6 +84,8 @@ cli.add_command(inspect_cmd.inspect)
 cli.add_command(verify_cmd.verify)
 cli.add_command(reshard_cmd.reshard)
 cli.add_command(consolidate_cmd.consolidate)
+cli.add_command(convert_cmd.convert)
+cli.add_command(list_cmd.list_)
 
 
 def main(argv: list[str] | None = None) -> None:
