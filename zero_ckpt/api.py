@@ -8,27 +8,39 @@ partition needs, planned by the same code as the offline reshard
 (:func:`zero_ckpt.plan.plan_partition_read`), and the ranks verify the checksums of what they
 read together.
 
-The optimizer is used through its bridge interface only (``layouts``, ``group_params``,
+Failure protocol: every step that can fail on some ranks only (a rank's own file, its own
+reads) is followed by an agreement (one ``all_gather_object``), so a failure on any rank
+raises on every rank, with the same exception class (a :class:`~zero_ckpt.errors.
+CheckpointError` subclass is re-created on the ranks where it did not happen), and no rank is
+left waiting in a collective. ``load`` reads and checks everything before it changes
+anything: a failed load leaves the optimizer, the model and the averager as they were.
+
+The optimizer is used through its bridge interface (``layouts``, ``group_params``,
 ``master_partition``, ``state_partitions``, ``group_scalars``, ``group_hyperparams``,
 ``load_partition``, ``load_hyperparams``, ``sync_model_from_masters``,
-``loss_scaler_state``, ``load_loss_scaler_state``), so this module imports nothing from
-``zero_core``'s optimizer.
+``loss_scaler_state``, ``load_loss_scaler_state``) plus the ``torch.optim.Optimizer``
+surface (``param_groups``, ``state``) to drop stale state, so this module imports nothing
+from ``zero_core``'s optimizer.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from zero_ckpt.checksum import PieceChecksums, crc32c, parse_checksum
-from zero_ckpt.checks import check_shard_header, expected_shard_tensors
+from zero_ckpt import errors as _errors
+from zero_ckpt.checksum import crc32c, parse_checksum
+from zero_ckpt.checks import check_shard_header
 from zero_ckpt.errors import (
     CheckpointError,
     CorruptShardError,
     LayoutMismatchError,
+    ManifestError,
     Problem,
     raise_problems,
 )
@@ -41,8 +53,8 @@ from zero_ckpt.manifest import (
     shard_path,
     tensor_name,
 )
-from zero_ckpt.plan import plan_partition_read
-from zero_ckpt.safetensors_format import dtype_size
+from zero_ckpt.plan import CopyOp, plan_partition_read
+from zero_ckpt.safetensors_format import SafetensorsHeader
 from zero_ckpt.storage import Location, open_location, prepare_destination
 from zero_ckpt.transfer import SourceChecks, _Buffers, copy_op_into, load_manifest, read_header
 from zero_ckpt import knobs
@@ -52,12 +64,15 @@ __all__ = ["save", "load", "LoadResult"]
 
 _VERSION = "0.1.0"
 T = TypeVar("T")
+# Names ZeroOptimizer invents for params given without names: not an identity to check.
+_INVENTED_NAME = re.compile(r"group\d+\.param\d+")
 
 
 @dataclass(frozen=True)
 class LoadResult:
     """What ``load`` restored: the checkpoint's manifest, the user's ``extra``, and how many
-    shard bytes this rank read (its share, not the whole checkpoint)."""
+    bytes of shard tensor data this rank read (its share of the checkpoint, not all of it;
+    headers and ``model.safetensors`` are not counted)."""
 
     manifest: Manifest
     user_extra: dict[str, Any]
@@ -71,34 +86,72 @@ def _group_of(optimizer: Any):
     return getattr(optimizer, "process_group", None)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _all_gather(obj: Any, group) -> list[Any]:
-    if not dist.is_available() or not dist.is_initialized():
+    if not _distributed():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """A picklable description of an exception raised on one rank (``rank``: within the
+    group; ``file_rank``: the error's own ``rank`` attribute, e.g. the shard's)."""
+
+    rank: int
+    cls_name: str
+    message: str
+    path: str | None
+    file_rank: int | None
+
+
 def _agree(step: str, fn: Callable[[], T], group) -> T:
-    """Run ``fn`` on every rank; if it failed anywhere, raise on every rank (no rank hangs
-    in a later collective while another has given up)."""
+    """Run ``fn`` on every rank; if it failed anywhere, raise on every rank.
+
+    A rank where ``fn`` failed raises its own exception. The others raise the lowest failing
+    rank's error again: the same class when it is a :class:`CheckpointError` subclass (so
+    ``except CorruptShardError`` works on every rank), else a plain ``CheckpointError``;
+    the message says which rank failed and at which step. Collective (one all_gather).
+    """
     result: Any = None
     error: BaseException | None = None
     try:
         result = fn()
     except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
         error = exc
-    failures = [f for f in _all_gather(None if error is None else _describe(error), group) if f]
+    mine = None if error is None else _failure(error, group)
+    failures = [f for f in _all_gather(mine, group) if f is not None]
     if error is not None:
         raise error
     if failures:
-        raise CheckpointError(f"{step} failed on another rank: {failures[0]}")
+        raise _reraise(step, failures[0])
     return result
 
 
-def _describe(exc: BaseException) -> str:
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    return f"rank {rank}: {type(exc).__name__}: {exc}"
+def _failure(exc: BaseException, group) -> _Failure:
+    rank = dist.get_rank(group) if _distributed() else 0  # the rank within the group
+    return _Failure(
+        rank,
+        type(exc).__name__,
+        str(exc),
+        getattr(exc, "path", None) if isinstance(exc, CheckpointError) else None,
+        getattr(exc, "rank", None) if isinstance(exc, CheckpointError) else None,
+    )
+
+
+def _reraise(step: str, f: _Failure) -> CheckpointError:
+    cls = getattr(_errors, f.cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
+        cls = CheckpointError
+        message = f"{step} failed on rank {f.rank}: {f.cls_name}: {f.message}"
+    else:
+        message = f"{step} failed on rank {f.rank}: {f.message}"
+    return cls(message, path=f.path, rank=f.file_rank)
 
 
 # ----- naming ----------------------------------------------------------------------------------
@@ -131,8 +184,13 @@ def _aliases(model: torch.nn.Module | None) -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
+def _owned_names(manifest: Manifest) -> set[str]:
+    return {n for gm in manifest.groups for p in gm.params for n in (p.name, *p.aliases)}
+
+
 def _model_only_state(model: torch.nn.Module | None, owned: set[str]) -> dict[str, torch.Tensor]:
-    """Module state the optimizer does not own: buffers and frozen parameters."""
+    """Module state the optimizer does not own: buffers and frozen parameters (live tensors,
+    each stored once under its first name)."""
     if model is None:
         return {}
     out = {}
@@ -143,7 +201,7 @@ def _model_only_state(model: torch.nn.Module | None, owned: set[str]) -> dict[st
         if id(t) in seen:  # tied frozen tensors: store once under the first name
             continue
         seen.add(id(t))
-        out[name] = t.detach().cpu()
+        out[name] = t.detach()
     return out
 
 
@@ -173,7 +231,7 @@ def _build_manifest(optimizer: Any, model: torch.nn.Module | None, extra: Mappin
             )
         )
     ws = optimizer.world_size
-    return Manifest(
+    manifest = Manifest(
         world_size=ws,
         zero_stage=int(getattr(optimizer, "stage", 2)),
         master_dtype="float32",
@@ -182,6 +240,14 @@ def _build_manifest(optimizer: Any, model: torch.nn.Module | None, extra: Mappin
         extra=dict(extra),
         created_by=f"zero-ckpt {_VERSION}",
     )
+    try:  # fail before anything is written, not at the commit
+        manifest.to_json()
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(
+            f"the checkpoint metadata cannot be written as JSON ({exc}); pass `extra` (and "
+            "hyperparameters) made of dicts, lists, strings, finite numbers, booleans and None"
+        ) from None
+    return manifest
 
 
 def save(
@@ -201,51 +267,66 @@ def save(
     (fp32 masters and every elementwise state); rank 0 writes ``model.safetensors`` (buffers
     and frozen params of ``model``) and, after every rank's shard is durable, ``manifest.json``.
     ``extra`` (JSON-serialisable) is stored under ``extra["user"]``; the loss scaler's state
-    and ``averager.state_dict()`` are stored too. A crash at any point leaves no manifest, so
-    the partial checkpoint is never loaded. Returns the manifest.
+    and ``averager.state_dict()`` are stored too. Rank 0's view of the metadata (groups,
+    hyperparameters, step) is the one recorded; every rank's shard must fit it.
+
+    ``path`` must not exist or be empty unless ``overwrite`` (then the old checkpoint's
+    manifest is removed first, and the rest of it, before anything is written). A failure or
+    crash at any point leaves no manifest, so the partial checkpoint is never loaded; a refused
+    save (non-empty ``path``) changes nothing on disk. Raises on every rank. Returns the
+    manifest.
     """
     group = _group_of(optimizer)
     rank = optimizer.rank
-    meta_extra: dict[str, Any] = {"user": dict(extra or {})}
-    scaler = optimizer.loss_scaler_state()
-    if scaler:
-        meta_extra["loss_scaler"] = scaler
-    if averager is not None:
-        meta_extra["averager"] = averager.state_dict()
-    manifest = _build_manifest(optimizer, model, meta_extra)
     loc = open_location(path, storage_options)
     try:
-        _agree("preparing the destination", lambda: prepare_destination(None, loc, overwrite) if rank == 0 else None, group)
-        loc.makedirs("shards")
 
-        def write_own_shard() -> FileMeta:
+        def build() -> Manifest:
+            meta_extra: dict[str, Any] = {"user": dict(extra or {})}
+            scaler = optimizer.loss_scaler_state()
+            if scaler:
+                meta_extra["loss_scaler"] = scaler
+            if averager is not None:
+                meta_extra["averager"] = averager.state_dict()
+            return _build_manifest(optimizer, model, meta_extra)
+
+        # Everything that can be refused is refused before the destination is touched.
+        local = _agree("building the checkpoint metadata", build, group)
+        _agree(
+            "preparing the destination",
+            lambda: prepare_destination(None, loc, overwrite) if rank == 0 else None,
+            group,
+        )
+        # One metadata for all: rank 0's (a rank whose state does not fit it fails below).
+        manifest: Manifest = _all_gather(local if rank == 0 else None, group)[0]
+
+        def write_rank_files() -> tuple[FileMeta, FileMeta | None]:
+            loc.makedirs("shards")
             tensors = {}
             for g, layout in enumerate(optimizer.layouts):
                 real = layout.real_numel(rank)
                 tensors[tensor_name(g, "master")] = optimizer.master_partition(g)[:real]
                 for key, t in optimizer.state_partitions(g).items():
                     tensors[tensor_name(g, key)] = t[:real]
-            return write_shard(loc, manifest, rank, tensors)
-
-        owned = {p.name for gm in manifest.groups for p in gm.params}
-        owned |= {a for gm in manifest.groups for p in gm.params for a in p.aliases}
-
-        def write_rank_files() -> tuple[FileMeta, FileMeta | None]:
-            shard = write_own_shard()
-            model_file = write_model_file(loc, _model_only_state(model, owned)) if rank == 0 else None
+            shard = write_shard(loc, manifest, rank, tensors)
+            model_file = None
+            if rank == 0:
+                model_file = write_model_file(loc, _model_only_state(model, _owned_names(manifest)))
             return shard, model_file
 
-        shard, model_file = _agree("writing shards", write_rank_files, group)
-        shards = _all_gather(shard, group)
+        written = _agree("writing shards", write_rank_files, group)
+        gathered = _all_gather(written, group)
+        final = replace(
+            manifest, shards=tuple(s for s, _ in gathered), model_file=gathered[0][1]
+        )
 
         def commit() -> None:
             if rank == 0:
-                final = replace(manifest, shards=tuple(shards), model_file=model_file)
                 final.validate(loc.url_of(MANIFEST_NAME))
                 loc.write_atomic(MANIFEST_NAME, final.to_json().encode())
 
         _agree("writing the manifest", commit, group)
-        return replace(manifest, shards=tuple(shards), model_file=_all_gather(model_file, group)[0])
+        return final
     finally:
         loc.close()
 
@@ -253,7 +334,9 @@ def save(
 # ----- load ------------------------------------------------------------------------------------
 
 
-def _check_compatible(manifest: Manifest, optimizer: Any, names: list[list[str]], url: str) -> None:
+def _check_compatible(
+    manifest: Manifest, optimizer: Any, names: list[list[str]], check_names: bool, url: str
+) -> None:
     if len(manifest.groups) != len(optimizer.layouts):
         raise LayoutMismatchError(
             f"{url} holds {len(manifest.groups)} param groups but the optimizer has "
@@ -263,21 +346,29 @@ def _check_compatible(manifest: Manifest, optimizer: Any, names: list[list[str]]
     for g, (gm, layout) in enumerate(zip(manifest.groups, optimizer.layouts)):
         saved = [(p.name, tuple(p.shape)) for p in gm.params]
         live = [(names[g][i], tuple(s.shape)) for i, s in enumerate(layout.params)]
-        if saved == live:
-            continue
         for i, (a, b) in enumerate(zip(saved, live)):
-            if a != b:
+            if a[1] != b[1] or (check_names and a[0] != b[0]):
                 raise LayoutMismatchError(
                     f"{url}: group {g} param {i} is {a[0]!r} of shape {list(a[1])} in the "
                     f"checkpoint but {b[0]!r} of shape {list(b[1])} in the optimizer; the model "
                     "does not match the checkpoint",
                     path=url,
                 )
-        raise LayoutMismatchError(
-            f"{url}: group {g} has {len(saved)} params in the checkpoint but {len(live)} in the "
-            "optimizer; the model does not match the checkpoint",
-            path=url,
-        )
+        if len(saved) != len(live):
+            raise LayoutMismatchError(
+                f"{url}: group {g} has {len(saved)} params in the checkpoint but {len(live)} in "
+                "the optimizer; the model does not match the checkpoint",
+                path=url,
+            )
+
+
+def _names_are_real(optimizer: Any, model: torch.nn.Module | None) -> bool:
+    """Whether the live names identify params (a model, or names given to the optimizer)."""
+    if model is not None:
+        return True
+    return not all(
+        _INVENTED_NAME.fullmatch(p.name) for layout in optimizer.layouts for p in layout.params
+    )
 
 
 def load(
@@ -292,43 +383,65 @@ def load(
 
     Collective: call on every rank of the optimizer's process group. Each rank reads only the
     byte ranges of its new partition; the ranks then check together that every tensor they
-    read matches the manifest's checksums. Hyperparameters, scalars (step), the loss scaler,
-    ``averager`` state, the model's buffers and frozen params are restored and the model's
-    params are set from the loaded masters. Raises the same error on every rank.
+    read matches the manifest's checksums. Then, and only then, the state is replaced: masters
+    and tensor states (state the checkpoint does not hold is dropped), scalars (``step``),
+    hyperparameters (``lr``, ...), the loss scaler, ``averager`` state, the model's buffers
+    and frozen params (when the checkpoint has ``model.safetensors`` and ``model`` is given;
+    their names and shapes must match), and the model's params are set from the loaded
+    masters.
+
+    The checkpoint must hold the same param groups with the same params (shapes; names too
+    where the model or the optimizer gives names): else :class:`LayoutMismatchError`.
+    Raises the same error class on every rank; when reading or checking fails (a mismatched
+    model, a missing, truncated or corrupted file, a bad averager state), nothing has changed.
     """
     group = _group_of(optimizer)
     loc = open_location(path, storage_options)
     try:
         manifest = _agree("reading the manifest", lambda: load_manifest(loc), group)
         names = _param_names(optimizer, model)
+        check_names = _names_are_real(optimizer, model)
         _agree(
             "matching the checkpoint to the optimizer",
-            lambda: _check_compatible(manifest, optimizer, names, loc.url),
+            lambda: _check_compatible(manifest, optimizer, names, check_names, loc.url),
             group,
         )
         checks = SourceChecks()
-        loaded = _agree(
+        read = _agree(
             "reading this rank's partition",
             lambda: _read_partition(loc, manifest, optimizer, checks),
             group,
         )
+        tensors_by_group, bytes_read, headers, header_crcs = read
         # Together the ranks read every byte of every tensor exactly once: pool the piece
-        # checksums and verify each tensor against the manifest.
-        all_pieces = _all_gather(
-            [(k, pc.pieces) for k, pc in checks.pieces.items()], group
+        # checksums (and the headers they saw) and verify each tensor against the manifest.
+        pooled = _all_gather(
+            ([(k, pc.pieces) for k, pc in checks.pieces.items()], headers, header_crcs), group
         )
-        _agree("verifying checksums", lambda: _verify_pieces(loc, manifest, all_pieces), group)
-        tensors_by_group, bytes_read = loaded
-        for g, tensors in enumerate(tensors_by_group):
-            gm = manifest.groups[g]
-            optimizer.load_partition(g, tensors, dict(gm.scalars))
-            optimizer.load_hyperparams(g, dict(gm.hyperparams))
-        optimizer.sync_model_from_masters()
-        optimizer.load_loss_scaler_state(dict(manifest.extra.get("loss_scaler") or {}))
+        _agree("verifying checksums", lambda: _verify(loc, manifest, pooled), group)
+        model_state = _agree(
+            "reading model.safetensors", lambda: _read_model_file(loc, manifest, model), group
+        )
         if averager is not None and "averager" in manifest.extra:
-            averager.load_state_dict(manifest.extra["averager"])
-        if model is not None and manifest.model_file is not None:
-            _agree("loading model.safetensors", lambda: _load_model_file(loc, manifest, model), group)
+            # Validates before it changes anything; nothing else has changed yet.
+            _agree(
+                "restoring the averager",
+                lambda: averager.load_state_dict(manifest.extra["averager"]),
+                group,
+            )
+
+        def apply() -> None:
+            for g, tensors in enumerate(tensors_by_group):
+                gm = manifest.groups[g]
+                optimizer.load_partition(g, tensors, dict(gm.scalars))
+                optimizer.load_hyperparams(g, dict(gm.hyperparams))
+            optimizer.load_loss_scaler_state(dict(manifest.extra.get("loss_scaler") or {}))
+            with torch.no_grad():
+                for live, value in model_state:
+                    live.copy_(value)
+
+        _agree("loading the state", apply, group)
+        optimizer.sync_model_from_masters()
         return LoadResult(manifest, dict(manifest.extra.get("user") or {}), bytes_read)
     finally:
         loc.close()
@@ -336,32 +449,51 @@ def load(
 
 def _read_partition(
     loc: Location, manifest: Manifest, optimizer: Any, checks: SourceChecks
-) -> tuple[list[dict[str, torch.Tensor]], int]:
+) -> tuple[list[dict[str, torch.Tensor]], int, dict[str, SafetensorsHeader], dict[str, int]]:
+    """This rank's new partitions, read from the source shards that overlap them.
+
+    Returns ``(tensors per group keyed master/state, tensor bytes read, headers read by
+    shard path, their header CRCs)``.
+    """
     rank, ws = optimizer.rank, optimizer.world_size
+    layouts = optimizer.layouts
+    # One plan per alignment in use (an optimizer may align differently than the one that
+    # saved; the flat buffer, and so the bytes, are the same).
+    aligns = sorted({layout.align for layout in layouts})
     # Headers only of the source ranks this partition overlaps.
     needed: set[int] = set()
     for g, gm in enumerate(manifest.groups):
-        lo, hi = optimizer.layouts[g].real_range(rank)
+        lo, hi = layouts[g].real_range(rank)
         needed |= {r for r, _, _ in gm.layout(manifest.world_size).locate(lo, hi)}
-    headers = {}
+    headers: dict[int, SafetensorsHeader] = {}
+    header_crcs: dict[str, int] = {}
+    problems: list[Problem] = []
     for r in sorted(needed):
         meta = manifest.shard(r)
         url = loc.url_of(meta.path)
-        header, _ = read_header(loc, meta.path)
-        raise_problems(check_shard_header(manifest, r, header, url), CorruptShardError)
-        headers[r] = header
-    aligns = {layout.align for layout in optimizer.layouts}
-    reads = plan_partition_read(manifest, headers, ws, rank, align=aligns.pop() if len(aligns) == 1 else None)
+        size = loc.size(meta.path)
+        if size != meta.bytes:
+            problems.append(
+                Problem(url, f"is {size} bytes, the manifest says {meta.bytes} (truncated or "
+                        "replaced?)", "size", r)
+            )
+            continue
+        header, crc = read_header(loc, meta.path, size)
+        problems += check_shard_header(manifest, r, header, url)
+        headers[r], header_crcs[meta.path] = header, crc
+    raise_problems(problems, CorruptShardError)
+    plans = {a: plan_partition_read(manifest, headers, ws, rank, align=a) for a in aligns}
     buffers = _Buffers()
     chunk = knobs.chunk_bytes()
     out = []
     total = 0
     for g, gm in enumerate(manifest.groups):
+        reads = plans[layouts[g].align]
         real = reads.real_numel[g]
-        if real != optimizer.layouts[g].real_numel(rank):
+        if real != layouts[g].real_numel(rank):  # the plan and the optimizer disagree: a bug
             raise LayoutMismatchError(
                 f"group {g}: the plan reads {real} elements for rank {rank} but the optimizer's "
-                f"partition holds {optimizer.layouts[g].real_numel(rank)}; alignment differs per group"
+                f"partition holds {layouts[g].real_numel(rank)} real elements"
             )
         dest = {
             key: torch.empty(real, dtype=getattr(torch, gm.dtype_of(key, manifest.master_dtype)))
@@ -369,60 +501,79 @@ def _read_partition(
         }
         views = {key: memoryview(t.view(torch.uint8).numpy()) if real else memoryview(b"") for key, t in dest.items()}
         for op in reads.ops[g]:
-            target = views[op.dst_tensor]  # type: ignore[index]
-
-            def emit(rel: int, data: memoryview, op=op, target=target) -> None:
-                target[op.dst_start + rel : op.dst_start + rel + len(data)] = data
-
-            copy_op_into(op, loc, buffers, chunk, emit, checks, None)
+            _copy(op, loc, buffers, chunk, views[op.dst_tensor], checks)  # type: ignore[index]
             total += op.src_nbytes
         out.append(dest)
-    return out, total
+    by_path = {manifest.shard(r).path: h for r, h in headers.items()}
+    return out, total, by_path, header_crcs
 
 
-def _verify_pieces(loc: Location, manifest: Manifest, gathered: list) -> None:
-    merged: dict[tuple[str, str | None], PieceChecksums] = {}
-    for rank_pieces in gathered:
-        for key, pieces in rank_pieces:
-            merged.setdefault(tuple(key), PieceChecksums()).pieces.extend(pieces)
-    problems = []
-    for meta in manifest.shards:
-        url = loc.url_of(meta.path)
-        sizes = {name: shape[0] * dtype_size(dtype) for name, dtype, shape in expected_shard_tensors(manifest, meta.rank)}  # type: ignore[arg-type]
-        for name, recorded in meta.tensors.items():
-            pc = merged.get((meta.path, name))
-            if pc is None or pc.covered() != sizes.get(name):
-                continue  # not read in full by the ranks together: nothing to compare
-            crc = pc.combine(sizes[name])
-            if crc != parse_checksum(recorded):
-                problems.append(
-                    Problem(url, f"checksum mismatch in tensor {name!r}: the data is corrupted "
-                            "(restore this file from a good copy)", "checksum", meta.rank)
-                )
-    raise_problems(problems, CorruptShardError)
+def _copy(
+    op: CopyOp, loc: Location, buffers: _Buffers, chunk: int, target: memoryview, checks: SourceChecks
+) -> None:
+    def emit(rel: int, data: memoryview) -> None:
+        target[op.dst_start + rel : op.dst_start + rel + len(data)] = data
+
+    copy_op_into(op, loc, buffers, chunk, emit, checks, None)
 
 
-def _load_model_file(loc: Location, manifest: Manifest, model: torch.nn.Module) -> None:
+def _verify(loc: Location, manifest: Manifest, pooled: list) -> None:
+    """Check every tensor (or, for shards recorded without per-tensor checksums, every
+    file) the ranks read in full together against the manifest's checksums."""
+    merged = SourceChecks()
+    headers: dict[str, SafetensorsHeader] = {}
+    header_crcs: dict[str, int] = {}
+    for pieces, rank_headers, rank_crcs in pooled:
+        for key, ps in pieces:
+            for piece in ps:
+                merged.add(key[0], key[1], *piece)
+        headers.update(rank_headers)
+        header_crcs.update(rank_crcs)
+    raise_problems(merged.problems(loc, manifest.shards, headers, header_crcs), CorruptShardError)
+
+
+def _read_model_file(
+    loc: Location, manifest: Manifest, model: torch.nn.Module | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(live model tensor, saved value)`` pairs for the model's buffers and frozen params,
+    read from ``model.safetensors`` and checked (checksum, names, shapes); nothing is
+    written yet. Empty without a model or a model file."""
     from safetensors.torch import load as load_safetensors
 
     mf = manifest.model_file
-    assert mf is not None
+    if model is None or mf is None:
+        return []
+    url = loc.url_of(mf.path)
     data = loc.read_bytes(mf.path)
     if len(data) != mf.bytes or crc32c(data) != parse_checksum(mf.checksum):
         raise CorruptShardError(
-            f"{loc.url_of(mf.path)} does not match the manifest's size or checksum: the data is "
-            "corrupted (restore this file from a good copy)",
-            path=loc.url_of(mf.path),
+            f"{url} does not match the manifest's size or checksum: the data is corrupted "
+            "(restore this file from a good copy)",
+            path=url,
         )
-    tensors = load_safetensors(data)
-    state = model.state_dict(keep_vars=True)
-    missing = [n for n in tensors if n not in state]
-    if missing:
+    saved = load_safetensors(data)
+    live = _model_only_state(model, _owned_names(manifest))
+    unexpected = sorted(set(saved) - set(live))
+    missing = sorted(set(live) - set(saved))
+    if unexpected or missing:
+        parts = []
+        if unexpected:
+            parts.append(f"holds {unexpected[:5]} which the model does not have")
+        if missing:
+            parts.append(f"lacks the model's {missing[:5]}")
         raise LayoutMismatchError(
-            f"{loc.url_of(mf.path)} holds {missing[:5]} which the model does not have; the model "
-            "does not match the checkpoint",
-            path=loc.url_of(mf.path),
+            f"{url} {' and '.join(parts)} (buffers and frozen params); the model does not match "
+            "the checkpoint",
+            path=url,
         )
-    with torch.no_grad():
-        for name, value in tensors.items():
-            state[name].copy_(value)
+    pairs = []
+    for name, value in saved.items():
+        target = live[name]
+        if tuple(target.shape) != tuple(value.shape):
+            raise LayoutMismatchError(
+                f"{url}: {name!r} has shape {list(value.shape)} in the checkpoint but "
+                f"{list(target.shape)} in the model; the model does not match the checkpoint",
+                path=url,
+            )
+        pairs.append((target, value))
+    return pairs

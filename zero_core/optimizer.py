@@ -910,13 +910,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         fill(fg.master_data, tensors["master"], "master")
         state = self.optim.state[fg.master]
+        # Replace, not merge: state the checkpoint lacks (e.g. moments of a trained optimizer
+        # loading a checkpoint saved before its first step) must not survive the load.
+        for key in [k for k in state if k not in tensors and k not in scalars]:
+            del state[key]
         for key, src in tensors.items():
             if key == "master":
                 continue
             dst = state.get(key)
-            if not (isinstance(dst, torch.Tensor) and dst.dim() == 1 and dst.numel() == pn):
-                dtype = MASTER_DTYPE if src.is_floating_point() else src.dtype
-                dst = torch.zeros(pn, dtype=dtype, device=fg.device)
+            if not (
+                isinstance(dst, torch.Tensor)
+                and dst.dim() == 1
+                and dst.numel() == pn
+                and dst.dtype == src.dtype
+            ):
+                dst = torch.zeros(pn, dtype=src.dtype, device=fg.device)
                 state[key] = dst
             fill(dst, src, key)
         group = self.optim.param_groups[g]
