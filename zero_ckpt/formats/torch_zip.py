@@ -1,0 +1,559 @@
+"""Reading ``torch.save`` files without executing them: a restricted unpickler and storage locator.
+
+A ``.pt`` file written by ``torch.save`` (the zip format, torch >= 1.6) is a zip archive:
+
+    <archive>/data.pkl      the pickled object; every tensor storage is a persistent id
+                            ("storage", <torch.FloatStorage>, "<key>", "<location>", <numel>)
+    <archive>/data/<key>    the raw bytes of storage <key>, stored uncompressed (ZIP_STORED)
+    <archive>/byteorder     "little" or "big" (absent in old files: little)
+
+:func:`restricted_load` rebuilds the pickle **without importing or calling anything from it**:
+allowed containers and scalars are rebuilt as themselves, storages become :class:`StorageRef`,
+``torch._utils._rebuild_tensor_v2``/``_v3`` become :class:`TensorRef` (storage, element
+offset, shape, stride, dtype), and every other global becomes an inert placeholder whose
+instances are :class:`Unknown` records of (module, name, args, state). Globals that can only
+mean code execution (``os.system``, ``builtins.eval``, ``subprocess.*``, ...) are refused with
+:class:`UnsafePickleError`.
+
+:class:`TorchZipFile` locates each storage's bytes inside the zip (local header offset + header
+length of an uncompressed entry), so a tensor becomes an absolute byte range of the ``.pt`` file
+that the executors read with ranged reads: nothing is loaded whole.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from zero_ckpt.errors import CheckpointError, CorruptShardError
+from zero_ckpt.storage import Location
+
+__all__ = [
+    "StorageRef",
+    "TensorRef",
+    "Unknown",
+    "UnsafePickleError",
+    "TorchZipFile",
+    "restricted_load",
+    "open_torch_zip",
+    "STORAGE_DTYPES",
+    "ELEMENT_SIZES",
+]
+
+# torch.<Name>Storage -> our dtype name (torch's without the prefix).
+STORAGE_DTYPES = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+    "UntypedStorage": "uint8",
+}
+ELEMENT_SIZES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+    "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "uint16": 2, "uint32": 4, "uint64": 8,
+}
+# torch.<dtype> globals (as pickled by _rebuild_tensor_v3 and in plain data) -> dtype name.
+_TORCH_DTYPE_NAMES = set(ELEMENT_SIZES) | {"float8_e4m3fnuz", "float8_e5m2fnuz", "complex32"}
+
+# Globals whose only use in a pickle is running code: refused outright (the rest of the
+# unknown globals are made inert, which is enough for safety; this names the attack).
+_REFUSED_MODULES = {
+    "os", "posix", "nt", "subprocess", "sys", "shutil", "importlib", "runpy", "pty", "socket",
+    "ctypes", "pickle", "_pickle", "marshal", "types", "code", "codeop", "webbrowser", "commands",
+    "popen2", "platform", "multiprocessing", "asyncio", "signal", "tempfile", "pathlib", "io",
+    "_io", "operator", "functools", "inspect", "pdb", "timeit", "threading", "_thread",
+}
+_ALLOWED_BUILTINS = {
+    "set": set, "frozenset": frozenset, "list": list, "dict": dict, "tuple": tuple, "int": int,
+    "float": float, "bool": bool, "str": str, "bytes": bytes, "bytearray": bytearray,
+    "complex": complex, "slice": slice, "range": range,
+}
+
+
+class UnsafePickleError(CheckpointError, ValueError):
+    """A pickle asks to call something that can only run code; it is refused, not executed."""
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A tensor storage of the archive: ``data/<key>``, ``numel`` elements of ``dtype``."""
+
+    key: str
+    dtype: str
+    numel: int
+    location: str = "cpu"
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ELEMENT_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """An inert tensor: ``shape``/``stride`` elements into ``storage`` from element ``offset``.
+
+    ``dtype`` is the tensor's (equal to the storage's except for ``_rebuild_tensor_v3``
+    tensors over an untyped storage).
+    """
+
+    storage: StorageRef
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str
+    requires_grad: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return ELEMENT_SIZES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride)):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+
+@dataclass
+class Unknown:
+    """An object of a class the reader does not rebuild: what the pickle said, nothing run.
+
+    ``module``/``name`` name the class or callable; ``args`` what it would have been called
+    with; ``state`` what ``__setstate__`` would have received; ``items``/``entries`` what list
+    or dict subclass contents it carried.
+    """
+
+    module: str
+    name: str
+    args: tuple = ()
+    state: Any = None
+    items: list = field(default_factory=list)
+    entries: dict = field(default_factory=dict)
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+class _Placeholder:
+    """Base of the stand-in classes :func:`restricted_load` hands the unpickler for unknown
+    globals. Calling one (REDUCE) or ``__new__`` (NEWOBJ) records the arguments; ``BUILD``,
+    ``APPEND`` and ``SETITEM`` record state; nothing else happens."""
+
+    _zc_module = ""
+    _zc_name = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Placeholder":
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "_zc_record", Unknown(cls._zc_module, cls._zc_name, tuple(args)))
+        if kwargs:
+            obj._zc_record.state = dict(kwargs)
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: D401 - inert
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self._zc_record.state = state
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not isinstance(self._zc_record.state, dict):
+            self._zc_record.state = {}
+        self._zc_record.state[name] = value
+
+    def append(self, item: Any) -> None:
+        self._zc_record.items.append(item)
+
+    def extend(self, items: Any) -> None:
+        self._zc_record.items.extend(items)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._zc_record.entries[key] = value
+
+
+class _StorageType:
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+
+
+class _TorchDtype(str):
+    """A ``torch.<dtype>`` global, kept as its name."""
+
+
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
+    return _tensor_ref(storage, storage_offset, size, stride, requires_grad, None)
+
+
+def _rebuild_tensor_v3(
+    storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
+):
+    return _tensor_ref(storage, storage_offset, size, stride, requires_grad, dtype)
+
+
+def _tensor_ref(storage, offset, size, stride, requires_grad, dtype) -> TensorRef:
+    if not isinstance(storage, StorageRef):
+        raise pickle.UnpicklingError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
+    if not isinstance(offset, int) or offset < 0:
+        raise pickle.UnpicklingError(f"tensor storage offset {offset!r} is not a non-negative integer")
+    shape = tuple(size)
+    strides = tuple(stride)
+    if any(not isinstance(d, int) or d < 0 for d in shape) or any(not isinstance(s, int) for s in strides):
+        raise pickle.UnpicklingError(f"tensor shape {shape} / stride {strides} are not integers")
+    if len(shape) != len(strides):
+        raise pickle.UnpicklingError(f"tensor shape {shape} and stride {strides} differ in length")
+    name = str(dtype) if dtype is not None else storage.dtype
+    if name not in ELEMENT_SIZES:
+        raise pickle.UnpicklingError(f"tensor dtype {name!r} is not supported")
+    return TensorRef(storage, offset, shape, strides, name, bool(requires_grad))
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    return data
+
+
+def _torch_size(*args):
+    return tuple(args[0]) if len(args) == 1 else tuple(args)
+
+
+def _codecs_encode(text, encoding="utf-8", errors="strict"):
+    # Protocol 2 pickles bytes as _codecs.encode(str, "latin1").
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+        raise pickle.UnpicklingError("_codecs.encode is only allowed to rebuild bytes")
+    return text.encode(encoding, errors)
+
+
+def _torch_device(*args):
+    return ":".join(str(a) for a in args)
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
+    ("torch", "Size"): _torch_size,
+    ("torch", "device"): _torch_device,
+    ("_codecs", "encode"): _codecs_encode,
+}
+
+
+def _placeholder_class(module: str, name: str) -> type:
+    return type(f"Unknown[{module}.{name}]", (_Placeholder,), {"_zc_module": module, "_zc_name": name})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, path: str) -> None:
+        super().__init__(io.BytesIO(data))
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise pickle.UnpicklingError("global names must be strings")
+        allowed = _ALLOWED.get((module, name))
+        if allowed is not None:
+            return allowed
+        if module in ("builtins", "__builtin__"):
+            if name in _ALLOWED_BUILTINS:
+                return _ALLOWED_BUILTINS[name]
+            raise UnsafePickleError(
+                f"{self._path}: the pickle asks for builtins.{name}, which zero-ckpt never calls "
+                "while reading a checkpoint; the file is refused (it may be malicious)",
+                path=self._path,
+            )
+        root = module.split(".", 1)[0]
+        if root in _REFUSED_MODULES:
+            raise UnsafePickleError(
+                f"{self._path}: the pickle asks for {module}.{name}, which can only run code; the "
+                "file is refused and nothing from it was executed (it may be malicious)",
+                path=self._path,
+            )
+        if module == "torch":
+            if name in STORAGE_DTYPES:
+                return _StorageType(STORAGE_DTYPES[name])
+            if name in _TORCH_DTYPE_NAMES:
+                return _TorchDtype(name)
+        if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"):
+            return _StorageType("uint8")
+        return _placeholder_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:  # noqa: D401 - pickle API
+        if (
+            not isinstance(pid, tuple)
+            or len(pid) != 5
+            or pid[0] != "storage"
+            or not isinstance(pid[1], _StorageType)
+            or not isinstance(pid[2], str)
+            or not isinstance(pid[4], int)
+            or pid[4] < 0
+        ):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
+        return StorageRef(pid[2], pid[1].dtype, pid[4], str(pid[3]))
+
+
+def _unwrap(obj: Any, seen: dict[int, Any] | None = None) -> Any:
+    """Replace placeholder instances by their :class:`Unknown` records, recursively."""
+    if seen is None:
+        seen = {}
+    key = id(obj)
+    if key in seen:
+        return seen[key]
+    if isinstance(obj, _Placeholder):
+        record = object.__getattribute__(obj, "_zc_record")
+        seen[key] = record
+        record.args = tuple(_unwrap(a, seen) for a in record.args)
+        record.state = _unwrap(record.state, seen)
+        record.items = [_unwrap(a, seen) for a in record.items]
+        record.entries = {k: _unwrap(v, seen) for k, v in record.entries.items()}
+        return record
+    if isinstance(obj, type) and issubclass(obj, _Placeholder):
+        return Unknown(obj._zc_module, obj._zc_name)
+    if isinstance(obj, _StorageType):
+        return obj.dtype
+    if isinstance(obj, _TorchDtype):
+        return str(obj)
+    if isinstance(obj, OrderedDict):
+        out: Any = OrderedDict()
+        seen[key] = out
+        for k, v in obj.items():
+            out[_unwrap(k, seen)] = _unwrap(v, seen)
+        return out
+    if isinstance(obj, dict):
+        out = {}
+        seen[key] = out
+        for k, v in obj.items():
+            out[_unwrap(k, seen)] = _unwrap(v, seen)
+        return out
+    if isinstance(obj, list):
+        out = []
+        seen[key] = out
+        out.extend(_unwrap(v, seen) for v in obj)
+        return out
+    if isinstance(obj, tuple):
+        out = tuple(_unwrap(v, seen) for v in obj)
+        seen[key] = out
+        return out
+    if isinstance(obj, (set, frozenset)):
+        return type(obj)(_unwrap(v, seen) for v in obj)
+    return obj
+
+
+def restricted_load(data: bytes, path: str = "<pickle>") -> Any:
+    """Unpickle ``data`` without importing or executing anything it names.
+
+    Returns plain containers and scalars, :class:`TensorRef`/:class:`StorageRef` for tensors
+    and storages, :class:`Unknown` for objects of other classes. Raises
+    :class:`UnsafePickleError` for globals that can only run code and
+    :class:`CorruptShardError` for a pickle that is malformed; both name ``path``.
+    """
+    try:
+        obj = _RestrictedUnpickler(data, path).load()
+    except CheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
+            KeyError, RecursionError, struct.error, UnicodeDecodeError) as exc:
+        raise CorruptShardError(
+            f"{path}: cannot read the pickled data ({type(exc).__name__}: {str(exc)[:200]}); the "
+            "file is damaged or not a torch checkpoint",
+            path=path,
+        ) from None
+    return _unwrap(obj)
+
+
+# ----- the zip container -----------------------------------------------------------------------
+
+
+class _RangeFile(io.RawIOBase):
+    """A read-only, seekable file over ranged reads of a :class:`Location` (for ``zipfile``)."""
+
+    def __init__(self, loc: Location, rel: str, size: int) -> None:
+        self.loc, self.rel, self.size, self.pos = loc, rel, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), self.size - self.pos))
+        if n:
+            self.loc.read_into(self.rel, self.pos, memoryview(b).cast("B")[:n])
+        self.pos += n
+        return n
+
+
+@dataclass(frozen=True)
+class _Record:
+    name: str
+    data_start: int
+    nbytes: int
+
+
+class TorchZipFile:
+    """A ``torch.save`` zip file at ``loc/rel``: its records' byte ranges and its pickle.
+
+    Open with :func:`open_torch_zip`. ``archive`` is the records' common folder name;
+    :meth:`load` unpickles ``data.pkl`` with :func:`restricted_load`;
+    :meth:`tensor_range` gives a tensor's absolute byte range in the file.
+    """
+
+    def __init__(self, loc: Location, rel: str, size: int, archive: str, records: dict[str, _Record]) -> None:
+        self.loc, self.rel, self.size = loc, rel, size
+        self.url = loc.url_of(rel)
+        self.archive = archive
+        self.records = records
+
+    def _error(self, message: str) -> CorruptShardError:
+        return CorruptShardError(f"{self.url}: {message}", path=self.url)
+
+    def read_record(self, name: str) -> bytes:
+        rec = self.records.get(f"{self.archive}/{name}")
+        if rec is None:
+            raise self._error(f"has no {self.archive}/{name} record; not a torch checkpoint or damaged")
+        return self.loc.read_range(self.rel, rec.data_start, rec.data_start + rec.nbytes)
+
+    def load(self) -> Any:
+        """The unpickled object (tensors as :class:`TensorRef`, never loaded)."""
+        byteorder = f"{self.archive}/byteorder"
+        if byteorder in self.records and self.read_record("byteorder").strip() != b"little":
+            raise self._error("was saved on a big-endian machine; only little-endian files are read")
+        return restricted_load(self.read_record("data.pkl"), self.url)
+
+    def storage_range(self, storage: StorageRef) -> tuple[int, int]:
+        """``(absolute byte start, nbytes)`` of a storage's record, checked against its size."""
+        rec = self.records.get(f"{self.archive}/data/{storage.key}")
+        if rec is None:
+            raise self._error(f"storage {storage.key!r} has no data/{storage.key} record (damaged)")
+        if rec.nbytes < storage.nbytes:
+            raise self._error(
+                f"storage {storage.key!r} should hold {storage.nbytes} bytes but its record has "
+                f"{rec.nbytes} (damaged)"
+            )
+        return rec.data_start, rec.nbytes
+
+    def tensor_range(self, t: TensorRef, what: str = "tensor") -> tuple[int, int]:
+        """``(absolute byte start, nbytes)`` of a contiguous tensor's elements in the file."""
+        if not t.is_contiguous():
+            raise self._error(
+                f"{what} is stored non-contiguously (shape {list(t.shape)}, stride {list(t.stride)}); "
+                "it cannot be read as one byte range"
+            )
+        start, nbytes = self.storage_range(t.storage)
+        # The offset counts elements of the tensor's dtype (typed storages have that dtype;
+        # _rebuild_tensor_v3 sets a typed view over an untyped storage).
+        first = t.offset * t.itemsize
+        if first + t.nbytes > nbytes:
+            raise self._error(
+                f"{what} needs bytes [{first}, {first + t.nbytes}) of storage {t.storage.key!r}, "
+                f"which has {nbytes} (damaged)"
+            )
+        return start + first, t.nbytes
+
+    def read_tensor_bytes(self, t: TensorRef, what: str = "tensor") -> bytes:
+        """The raw bytes of a (small) contiguous tensor."""
+        start, nbytes = self.tensor_range(t, what)
+        return self.loc.read_range(self.rel, start, start + nbytes)
+
+    def read_scalar(self, t: TensorRef, what: str = "value") -> float | int | bool:
+        """The value of a one-element tensor (``step`` and the like) as a Python number."""
+        if t.numel != 1:
+            raise self._error(f"{what} should be a single number, got a tensor of shape {list(t.shape)}")
+        raw = self.read_tensor_bytes(t, what)
+        fmt = {"float64": "<d", "float32": "<f", "float16": "<e", "int64": "<q", "int32": "<i",
+               "int16": "<h", "int8": "<b", "uint8": "<B", "bool": "<?"}.get(t.dtype)
+        if t.dtype == "bfloat16":
+            return struct.unpack("<f", b"\x00\x00" + raw)[0]
+        if fmt is None:
+            raise self._error(f"{what} has unsupported dtype {t.dtype}")
+        return struct.unpack(fmt, raw)[0]
+
+
+def open_torch_zip(loc: Location, rel: str) -> TorchZipFile:
+    """Index the zip at ``loc/rel``: every record's absolute data range (central directory and
+    local headers only; no data is read). Refuses legacy (non-zip) torch files and compressed
+    or encrypted records by name."""
+    url = loc.url_of(rel)
+    size = loc.size(rel)
+    raw = _RangeFile(loc, rel, size)
+    try:
+        zf = zipfile.ZipFile(raw)  # type: ignore[arg-type]
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        head = loc.read_range(rel, 0, 2) if size >= 2 else b""
+        hint = (
+            "it is a legacy (pre-1.6, non-zip) torch file: load and re-save it with a recent torch"
+            if head[:1] == b"\x80"
+            else "it is not a torch.save zip file or it is damaged"
+        )
+        raise CorruptShardError(f"{url}: cannot open as a zip archive ({exc}); {hint}", path=url) from None
+    records: dict[str, _Record] = {}
+    archive = None
+    with zf:
+        for info in zf.infolist():
+            if archive is None and info.filename.endswith("/data.pkl") and info.filename.count("/") == 1:
+                archive = info.filename.split("/", 1)[0]
+            if info.flag_bits & 0x1:
+                raise CorruptShardError(f"{url}: record {info.filename} is encrypted", path=url)
+            local = loc.read_range(rel, info.header_offset, info.header_offset + 30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise CorruptShardError(
+                    f"{url}: record {info.filename} has no local header at byte "
+                    f"{info.header_offset} (damaged)",
+                    path=url,
+                )
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            data_start = info.header_offset + 30 + name_len + extra_len
+            if info.filename.split("/")[1:2] == ["data"] and info.compress_type != zipfile.ZIP_STORED:
+                raise CorruptShardError(
+                    f"{url}: tensor record {info.filename} is compressed; torch.save stores tensors "
+                    "uncompressed, so this file was repacked: unzip and re-zip it with -0 (store)",
+                    path=url,
+                )
+            if info.compress_type != zipfile.ZIP_STORED:
+                continue  # not a record we read by range
+            if data_start + info.file_size > size:
+                raise CorruptShardError(
+                    f"{url}: record {info.filename} ends at byte {data_start + info.file_size}, past the "
+                    f"end of the file ({size} bytes): truncated",
+                    path=url,
+                )
+            records[info.filename] = _Record(info.filename, data_start, info.file_size)
+    if archive is None:
+        raise CorruptShardError(f"{url}: the zip has no <archive>/data.pkl: not a torch.save file", path=url)
+    return TorchZipFile(loc, rel, size, archive, records)
