@@ -27,6 +27,7 @@ _EXPORTS = {
     "save": "zero_ckpt.api",
     "load": "zero_ckpt.api",
     "LoadResult": "zero_ckpt.api",
+    "AsyncSave": "zero_ckpt.api",
     "Manifest": "zero_ckpt.manifest",
     "GroupMeta": "zero_ckpt.manifest",
     "ParamMeta": "zero_ckpt.manifest",

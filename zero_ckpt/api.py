@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -57,10 +59,10 @@ from zero_ckpt.plan import CopyOp, plan_partition_read
 from zero_ckpt.safetensors_format import SafetensorsHeader
 from zero_ckpt.storage import Location, open_location, prepare_destination
 from zero_ckpt.transfer import SourceChecks, _Buffers, copy_op_into, load_manifest, read_header
-from zero_ckpt import knobs
+from zero_ckpt import knobs, runs
 from zero_ckpt.writer import dtype_name, write_model_file, write_shard
 
-__all__ = ["save", "load", "LoadResult"]
+__all__ = ["save", "load", "LoadResult", "AsyncSave"]
 
 _VERSION = "0.1.0"
 T = TypeVar("T")
@@ -250,6 +252,132 @@ def _build_manifest(optimizer: Any, model: torch.nn.Module | None, extra: Mappin
     return manifest
 
 
+@dataclass
+class _Snapshot:
+    """What a save writes, taken at one moment: the agreed metadata (rank 0's), this rank's
+    shard tensors and (rank 0) the model's other state. Views of live state for a blocking
+    save, copies in reusable staging buffers for an async one."""
+
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+    model_state: dict[str, torch.Tensor]
+
+
+def _take_snapshot(
+    optimizer: Any,
+    model: torch.nn.Module | None,
+    extra: Mapping[str, Any] | None,
+    averager: Any,
+    group,
+    staging: dict[str, torch.Tensor] | None,
+) -> _Snapshot:
+    rank = optimizer.rank
+
+    def build() -> Manifest:
+        meta_extra: dict[str, Any] = {"user": dict(extra or {})}
+        scaler = optimizer.loss_scaler_state()
+        if scaler:
+            meta_extra["loss_scaler"] = scaler
+        if averager is not None:
+            meta_extra["averager"] = averager.state_dict()
+        return _build_manifest(optimizer, model, meta_extra)
+
+    # Everything that can be refused is refused before the destination is touched.
+    local = _agree("building the checkpoint metadata", build, group)
+    # One metadata for all: rank 0's (a rank whose state does not fit it fails when writing).
+    manifest: Manifest = _all_gather(local if rank == 0 else None, group)[0]
+    tensors: dict[str, torch.Tensor] = {}
+    for g, layout in enumerate(optimizer.layouts):
+        real = layout.real_numel(rank)
+        tensors[tensor_name(g, "master")] = optimizer.master_partition(g)[:real]
+        for key, t in optimizer.state_partitions(g).items():
+            tensors[tensor_name(g, key)] = t[:real]
+    model_state = _model_only_state(model, _owned_names(manifest)) if rank == 0 else {}
+    if staging is not None:
+        tensors = _stage(staging, "opt", tensors)
+        model_state = _stage(staging, "model", model_state)
+    return _Snapshot(manifest, tensors, model_state)
+
+
+def _stage(staging: dict[str, torch.Tensor], prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy tensors into host buffers kept across saves (pinned when they come from a GPU),
+    reallocating only when a size or dtype changes."""
+    out = {}
+    for name, t in tensors.items():
+        key = f"{prefix}/{name}"
+        buf = staging.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+            staging[key] = buf
+        buf.copy_(t.detach(), non_blocking=t.is_cuda)
+        out[name] = buf
+    if any(t.is_cuda for t in tensors.values()):
+        torch.cuda.synchronize()
+    return out
+
+
+def _write_snapshot(
+    snap: _Snapshot,
+    loc: Location,
+    group,
+    rank: int,
+    *,
+    overwrite: bool,
+    latest: bool,
+    keep_last: int | None,
+) -> Manifest:
+    """Write a snapshot: destination, shards (+ model file), manifest, then ``latest`` and
+    retention. Collective over ``group``; raises the same error on every rank."""
+    _agree(
+        "preparing the destination",
+        lambda: prepare_destination(None, loc, overwrite) if rank == 0 else None,
+        group,
+    )
+
+    def write_rank_files() -> tuple[FileMeta, FileMeta | None]:
+        loc.makedirs("shards")
+        shard = write_shard(loc, snap.manifest, rank, snap.tensors)
+        model_file = write_model_file(loc, snap.model_state) if rank == 0 else None
+        return shard, model_file
+
+    written = _agree("writing shards", write_rank_files, group)
+    gathered = _all_gather(written, group)
+    final = replace(snap.manifest, shards=tuple(s for s, _ in gathered), model_file=gathered[0][1])
+
+    def commit() -> None:
+        if rank == 0:
+            final.validate(loc.url_of(MANIFEST_NAME))
+            loc.write_atomic(MANIFEST_NAME, final.to_json().encode())
+
+    _agree("writing the manifest", commit, group)
+    if latest or keep_last is not None:
+
+        def publish() -> None:
+            if rank != 0:
+                return
+            run_url, _, name = loc.url.rpartition("/")
+            run_url = run_url or "."
+            runs.update_latest(run_url, name, loc.storage_options)
+            if keep_last is not None:
+                runs.apply_retention(run_url, keep_last, loc.storage_options)
+
+        # The checkpoint is complete and committed even if this step fails; say so.
+        try:
+            _agree("updating latest / retention (the checkpoint itself is complete)", publish, group)
+        except CheckpointError as exc:
+            raise type(exc)(
+                f"{loc.url} was saved completely, but updating the run directory failed: {exc}",
+                path=exc.path,
+                rank=exc.rank,
+            ) from None
+    return final
+
+
+def _check_save_args(keep_last: int | None) -> None:
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last must be a positive integer or None, got {keep_last!r}")
+
+
 def save(
     path: str,
     *,
@@ -259,7 +387,10 @@ def save(
     averager: Any = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
-) -> Manifest:
+    latest: bool = False,
+    keep_last: int | None = None,
+    async_: bool = False,
+) -> "Manifest | AsyncSave":
     """Save the optimizer's partitioned state (and the model's other state) to ``path``.
 
     Collective: call on every rank of the optimizer's process group with the same arguments.
@@ -273,62 +404,127 @@ def save(
     ``path`` must not exist or be empty unless ``overwrite`` (then the old checkpoint's
     manifest is removed first, and the rest of it, before anything is written). A failure or
     crash at any point leaves no manifest, so the partial checkpoint is never loaded; a refused
-    save (non-empty ``path``) changes nothing on disk. Raises on every rank. Returns the
-    manifest.
+    save (non-empty ``path``) changes nothing on disk. Raises on every rank.
+
+    Run directories: with ``latest=True`` the parent of ``path`` gets a ``latest`` file naming
+    this checkpoint, written only after the manifest; ``keep_last=K`` then deletes all but the
+    newest K complete checkpoints there (never the one ``latest`` names; see
+    :func:`zero_ckpt.runs.apply_retention`).
+
+    ``async_=True`` returns an :class:`AsyncSave` as soon as this rank's state is copied to
+    host staging buffers (reused across saves); the files are written by a background thread
+    over a dedicated gloo group. The next ``save`` waits for it first, ``wait()`` returns the
+    manifest or raises, and the optimizer's next ``step()`` raises if the save failed, so
+    training never silently continues past a failed save. Otherwise returns the manifest.
     """
+    _check_save_args(keep_last)
     group = _group_of(optimizer)
     rank = optimizer.rank
+    previous = _PENDING.pop(optimizer, None)
+    if previous is not None:
+        previous.wait()
     loc = open_location(path, storage_options)
+    if not async_:
+        try:
+            snap = _take_snapshot(optimizer, model, extra, averager, group, None)
+            return _write_snapshot(
+                snap, loc, group, rank, overwrite=overwrite, latest=latest, keep_last=keep_last
+            )
+        finally:
+            loc.close()
     try:
-
-        def build() -> Manifest:
-            meta_extra: dict[str, Any] = {"user": dict(extra or {})}
-            scaler = optimizer.loss_scaler_state()
-            if scaler:
-                meta_extra["loss_scaler"] = scaler
-            if averager is not None:
-                meta_extra["averager"] = averager.state_dict()
-            return _build_manifest(optimizer, model, meta_extra)
-
-        # Everything that can be refused is refused before the destination is touched.
-        local = _agree("building the checkpoint metadata", build, group)
-        _agree(
-            "preparing the destination",
-            lambda: prepare_destination(None, loc, overwrite) if rank == 0 else None,
-            group,
-        )
-        # One metadata for all: rank 0's (a rank whose state does not fit it fails below).
-        manifest: Manifest = _all_gather(local if rank == 0 else None, group)[0]
-
-        def write_rank_files() -> tuple[FileMeta, FileMeta | None]:
-            loc.makedirs("shards")
-            tensors = {}
-            for g, layout in enumerate(optimizer.layouts):
-                real = layout.real_numel(rank)
-                tensors[tensor_name(g, "master")] = optimizer.master_partition(g)[:real]
-                for key, t in optimizer.state_partitions(g).items():
-                    tensors[tensor_name(g, key)] = t[:real]
-            shard = write_shard(loc, manifest, rank, tensors)
-            model_file = None
-            if rank == 0:
-                model_file = write_model_file(loc, _model_only_state(model, _owned_names(manifest)))
-            return shard, model_file
-
-        written = _agree("writing shards", write_rank_files, group)
-        gathered = _all_gather(written, group)
-        final = replace(
-            manifest, shards=tuple(s for s, _ in gathered), model_file=gathered[0][1]
-        )
-
-        def commit() -> None:
-            if rank == 0:
-                final.validate(loc.url_of(MANIFEST_NAME))
-                loc.write_atomic(MANIFEST_NAME, final.to_json().encode())
-
-        _agree("writing the manifest", commit, group)
-        return final
-    finally:
+        snap = _take_snapshot(optimizer, model, extra, averager, group, _STAGING.setdefault(optimizer, {}))
+        ckpt_group = _checkpoint_group(group)
+    except BaseException:
         loc.close()
+        raise
+    handle = AsyncSave(loc.url)
+
+    def background() -> None:
+        try:
+            handle._manifest = _write_snapshot(
+                snap, loc, ckpt_group, rank, overwrite=overwrite, latest=latest, keep_last=keep_last
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to wait() / the next step()
+            handle._error = exc
+        finally:
+            loc.close()
+
+    handle._thread = threading.Thread(target=background, name=f"zero-ckpt-save {loc.url}", daemon=False)
+    _PENDING[optimizer] = handle
+    _install_step_guard(optimizer)
+    handle._thread.start()
+    return handle
+
+
+class AsyncSave:
+    """A save running in the background. ``wait()`` blocks until it is done and returns the
+    manifest, or raises its error (on every rank: the ranks agree inside the save)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._thread: threading.Thread | None = None
+        self._manifest: Manifest | None = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
+
+    def failed(self) -> bool:
+        return self.done() and self._error is not None
+
+    def wait(self, timeout: float | None = None) -> Manifest:
+        assert self._thread is not None
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the save to {self.url} is still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._manifest is not None
+        return self._manifest
+
+
+# Per optimizer: its save in flight, and its staging buffers (kept across saves).
+_PENDING: "weakref.WeakKeyDictionary[Any, AsyncSave]" = weakref.WeakKeyDictionary()
+_STAGING: "weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_GUARDED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# Gloo groups for background saves, by the ranks of the optimizer's group.
+_CKPT_GROUPS: dict[tuple[int, ...] | None, Any] = {}
+
+
+def _install_step_guard(optimizer: Any) -> None:
+    """Make ``optimizer.step()`` raise once a background save has failed."""
+    if optimizer in _GUARDED or not hasattr(optimizer, "register_step_pre_hook"):
+        return
+
+    def guard(opt: Any, args: Any, kwargs: Any) -> None:
+        pending = _PENDING.get(opt)
+        if pending is not None and pending.failed():
+            _PENDING.pop(opt, None)
+            raise CheckpointError(
+                f"the background save to {pending.url} failed; training stops here rather than "
+                f"continue without a checkpoint: {pending._error}"
+            ) from pending._error
+
+    optimizer.register_step_pre_hook(guard)
+    _GUARDED.add(optimizer)
+
+
+def _checkpoint_group(group):
+    """A gloo group with the same ranks as ``group``, used only by background saves so their
+    collectives never interleave with training's. Creating groups is collective over the whole
+    job: the first async save must be called on every rank (it is, being collective)."""
+    if not _distributed():
+        return None
+    key = tuple(dist.get_process_group_ranks(group)) if group is not None else None
+    if key not in _CKPT_GROUPS:
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, key)
+        # Every distinct group, created in the same order on every rank.
+        for k in sorted(set(everyone), key=lambda k: (k is not None, k or ())):
+            if k not in _CKPT_GROUPS:
+                _CKPT_GROUPS[k] = dist.new_group(ranks=list(k) if k is not None else None, backend="gloo")
+    return _CKPT_GROUPS[key]
 
 
 # ----- load ------------------------------------------------------------------------------------
@@ -381,6 +577,8 @@ def load(
 ) -> LoadResult:
     """Restore optimizer (and model) state from ``path``, saved at any data-parallel size.
 
+    ``path`` is a checkpoint, or a run directory whose ``latest`` file names one.
+
     Collective: call on every rank of the optimizer's process group. Each rank reads only the
     byte ranges of its new partition; the ranks then check together that every tensor they
     read matches the manifest's checksums. Then, and only then, the state is replaced: masters
@@ -396,6 +594,16 @@ def load(
     model, a missing, truncated or corrupted file, a bad averager state), nothing has changed.
     """
     group = _group_of(optimizer)
+    previous = _PENDING.pop(optimizer, None)
+    if previous is not None:  # a save of this optimizer still in flight: finish it first
+        previous.wait()
+    # A run directory means the checkpoint its `latest` names: rank 0 decides, for all.
+    resolved = _agree(
+        "resolving the checkpoint",
+        lambda: runs.resolve_checkpoint(path, storage_options) if optimizer.rank == 0 else None,
+        group,
+    )
+    path = _all_gather(resolved, group)[0]
     loc = open_location(path, storage_options)
     try:
         manifest = _agree("reading the manifest", lambda: load_manifest(loc), group)
