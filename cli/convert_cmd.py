@@ -55,7 +55,7 @@ def convert(
       zero-ckpt convert ./run1/global_step1200 ./step1200-dp16 --to 16
       zero-ckpt convert s3://bucket/run1 ./local --from-format deepspeed -o anon=true
     """
-    from zero_ckpt.convert import convert as convert_checkpoint
+    from zero_ckpt.conversion import convert as convert_checkpoint
 
     opts = cli_options(ctx, storage_options, quiet)
     with progress_bar("convert", quiet=opts.quiet) as progress:

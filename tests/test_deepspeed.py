@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import zero_ckpt
-from zero_ckpt.convert import consolidate_source, convert
+from zero_ckpt.conversion import consolidate_source, convert
 from zero_ckpt.errors import CheckpointError, IncompleteCheckpointError, MissingShardError
 from zero_ckpt.formats import detect_format, open_source
 from zero_ckpt.formats.deepspeed import DeepSpeedFormatError, open_deepspeed
@@ -301,7 +301,7 @@ def test_open_source_handles_both_formats() -> None:
 def test_reading_imports_no_deepspeed_and_runs_nothing() -> None:
     code = (
         "import sys\n"
-        "from zero_ckpt.convert import consolidate_source\n"
+        "from zero_ckpt.conversion import consolidate_source\n"
         "from zero_ckpt.formats.deepspeed import open_deepspeed\n"
         f"open_deepspeed({_ckpt('z1_bf16_dp2')!r})\n"
         "bad = [m for m in sys.modules if m.split('.')[0] == 'deepspeed']\n"

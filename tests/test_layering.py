@@ -345,3 +345,18 @@ def test_import_every_pure_module_loads_no_torch():
     modules = existing(PURE_MODULES)
     result = loaded_after(modules, ["torch", "fsspec", "s3fs"])
     assert result == [{m: []} for m in modules]
+
+
+def test_package_functions_survive_submodule_imports():
+    # Importing a submodule sets it as an attribute of the package: a module named like a
+    # public function would shadow the function.
+    import importlib
+    import pkgutil
+
+    import zero_ckpt
+
+    for info in pkgutil.walk_packages(zero_ckpt.__path__, "zero_ckpt."):
+        importlib.import_module(info.name)
+    for name in zero_ckpt.__all__:
+        value = getattr(zero_ckpt, name)
+        assert not isinstance(value, type(zero_ckpt)), f"zero_ckpt.{name} is shadowed by a module"

@@ -4,7 +4,8 @@ Offline jobs (no process group, no GPU): :func:`reshard`, :func:`consolidate`,
 :func:`verify`, :func:`open_checkpoint`, :func:`write_checkpoint`; from training code:
 :func:`save` and :func:`load` (collectives). Names are imported on first access, so importing
 a pure module such as ``zero_ckpt.manifest`` or ``zero_ckpt.plan`` loads neither torch nor
-fsspec.
+fsspec. (Modules are named by nouns, ``resharding``, ``consolidation``, ..., so that importing
+one never replaces the package's function of the same verb.)
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ __version__ = "0.1.0"
 
 # public name -> module it lives in
 _EXPORTS = {
-    "reshard": "zero_ckpt.reshard",
-    "consolidate": "zero_ckpt.consolidate",
-    "ConsolidateResult": "zero_ckpt.consolidate",
-    "verify": "zero_ckpt.verify",
-    "VerifyReport": "zero_ckpt.verify",
+    "reshard": "zero_ckpt.resharding",
+    "consolidate": "zero_ckpt.consolidation",
+    "ConsolidateResult": "zero_ckpt.consolidation",
+    "verify": "zero_ckpt.verification",
+    "convert": "zero_ckpt.conversion",
+    "consolidate_source": "zero_ckpt.conversion",
+    "open_deepspeed": "zero_ckpt.formats.deepspeed",
+    "detect_format": "zero_ckpt.formats",
+    "VerifyReport": "zero_ckpt.verification",
     "open_checkpoint": "zero_ckpt.reader",
     "CheckpointReader": "zero_ckpt.reader",
     "ParamInfo": "zero_ckpt.reader",

@@ -88,7 +88,7 @@ def convert(
     with open_location(src, storage_options) as s:
         fmt = _check_format(s, from_format)
         if fmt == "zero-ckpt":
-            from zero_ckpt.reshard import reshard
+            from zero_ckpt.resharding import reshard
             from zero_ckpt.transfer import load_manifest
 
             ws = world_size or load_manifest(s).world_size
@@ -186,7 +186,7 @@ def consolidate_source(
     with open_location(src, storage_options) as s:
         fmt = _check_format(s, from_format)
         if fmt == "zero-ckpt":
-            from zero_ckpt.consolidate import consolidate
+            from zero_ckpt.consolidation import consolidate
 
             result = consolidate(
                 src, out, dtype=dtype, max_shard_size=max_shard_size,
