@@ -61,7 +61,10 @@ def render_summary(s: dict[str, Any]) -> str:
     def row(label: str, value: Any) -> None:
         lines.append(f"{label:<15}{value}")
 
-    row("format", f"{s['format']} v{s['version']} (written by {s['created_by'] or 'unknown'})")
+    if s.get("source_format", "zero-ckpt") == "zero-ckpt":
+        row("format", f"{s['format']} v{s['version']} (written by {s['created_by'] or 'unknown'})")
+    else:
+        row("format", f"{s['source_format']} (written by {s['created_by'] or 'unknown'}; read in place)")
     row("world size", s["world_size"])
     row("zero stage", s["zero_stage"])
     row("step", "-" if s["step"] is None else s["step"])

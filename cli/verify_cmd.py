@@ -40,6 +40,7 @@ def verify(
                 "ok": report.ok,
                 "files_checked": report.files_checked,
                 "bytes_checked": report.bytes_checked,
+                "notes": list(report.notes),
                 "problems": [
                     {"path": p.path, "kind": p.kind, "rank": p.rank, "message": p.message}
                     for p in report.problems
@@ -49,6 +50,8 @@ def verify(
     else:
         for problem in report.problems:
             click.echo(str(problem))
+        for note in report.notes:
+            click.echo(f"note: {note}")
         if report.ok:
             click.echo(f"OK: {report.files_checked} files, {report.bytes_checked} bytes verified")
         else:

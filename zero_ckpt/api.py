@@ -25,7 +25,6 @@ from ``zero_core``'s optimizer.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import weakref

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from zero_ckpt import __version__
+from zero_ckpt.formats import open_source
 from zero_ckpt.errors import CorruptShardError, raise_problems
 from zero_ckpt.manifest import Manifest
 from zero_ckpt.parts import PartResult, PartSpec, PartWork, make_job, resolve_part, run_part
@@ -24,9 +25,6 @@ from zero_ckpt.transfer import (
     ProgressTracker,
     SourceChecks,
     WrittenFile,
-    load_manifest,
-    read_header,
-    read_source_headers,
     run_file_plans,
 )
 
@@ -112,21 +110,12 @@ def _source_files(manifest: Manifest) -> list:
 def _plan(
     s: Location, dtype: str | None, max_shard_size: int | None, include_optimizer: bool
 ) -> tuple[Manifest, dict[str, SafetensorsHeader], dict[str, int], ConsolidatePlan]:
-    manifest = load_manifest(s)
-    headers, header_crcs = read_source_headers(s, manifest)
+    # Format v1 or DeepSpeed (whose shards are its .pt files, located byte range by range).
+    manifest, headers, header_crcs, model_header = open_source(s)
+    header_crcs = dict(header_crcs)
     by_path = {manifest.shard(r).path: h for r, h in headers.items()}
-    model_header = None
-    if manifest.model_file is not None:
-        mf = manifest.model_file
-        size = s.size(mf.path)
-        if size != mf.bytes:
-            raise CorruptShardError(
-                f"{s.url_of(mf.path)} is {size} bytes, the manifest says {mf.bytes} "
-                "(truncated or replaced?)",
-                path=s.url_of(mf.path),
-            )
-        model_header, header_crcs[mf.path] = read_header(s, mf.path, size)
-        by_path[mf.path] = model_header
+    if model_header is not None and manifest.model_file is not None:
+        by_path[manifest.model_file.path] = model_header
     plan = plan_consolidate(
         manifest, headers, model_header, dtype=dtype, max_shard_size=max_shard_size,
         include_optimizer=include_optimizer,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Mapping
 
+from zero_ckpt.formats import detect_location_format
 from zero_ckpt.errors import CorruptShardError, LayoutMismatchError, raise_problems
 from zero_ckpt.manifest import MANIFEST_NAME, MODEL_FILE_NAME, Manifest
 from zero_ckpt.parts import PartResult, PartSpec, PartWork, make_job, resolve_part, run_part
@@ -67,6 +68,13 @@ def reshard(
     with open_location(src, storage_options) as s, open_location(
         dst, storage_options if dst_storage_options is None else dst_storage_options
     ) as d:
+        if detect_location_format(s) == "deepspeed":
+            return _reshard_foreign(
+                src, dst, s, world_size, expected_world_size, spec, overwrite=overwrite,
+                progress=progress, storage_options=storage_options,
+                dst_storage_options=dst_storage_options, workers=workers,
+                chunk_bytes=chunk_bytes, fsync=fsync,
+            )
         if spec is not None:
             result = run_part(
                 spec, s, d, lambda: _part_work(s, d, world_size, expected_world_size, spec.parts),
@@ -98,18 +106,46 @@ def reshard(
     return target
 
 
+def _reshard_foreign(
+    src: str,
+    dst: str,
+    s: Location,
+    world_size: int,
+    expected_world_size: int | None,
+    spec: PartSpec | None,
+    **options: Any,
+) -> Manifest:
+    """A DeepSpeed source: the same streaming re-cut, through :func:`zero_ckpt.convert`
+    (its model file is a torch zip, planned tensor by tensor)."""
+    from zero_ckpt.conversion import convert
+    from zero_ckpt.formats.deepspeed import read_deepspeed
+
+    if spec is not None:
+        raise LayoutMismatchError(
+            f"{src} is a DeepSpeed checkpoint; --part works on format-v1 sources: run "
+            "`zero-ckpt convert` first, then split the reshard"
+        )
+    saved = read_deepspeed(s).manifest.world_size
+    _check_expected(s, saved, expected_world_size)
+    return convert(src, dst, from_format="deepspeed", world_size=world_size, **options)
+
+
+def _check_expected(s: Location, saved: int, expected: int | None) -> None:
+    if expected is not None and expected != saved:
+        raise LayoutMismatchError(
+            f"{s.url} holds a checkpoint saved at world size {saved}, not "
+            f"{expected}; pass --from {saved} or leave --from out",
+            path=s.url,
+            expected=expected,
+            actual=saved,
+        )
+
+
 def _plan(
     s: Location, world_size: int, expected_world_size: int | None
 ) -> tuple[Manifest, dict[int, SafetensorsHeader], dict[str, int], ReshardPlan]:
     manifest = load_manifest(s)
-    if expected_world_size is not None and expected_world_size != manifest.world_size:
-        raise LayoutMismatchError(
-            f"{s.url} holds a checkpoint saved at world size {manifest.world_size}, not "
-            f"{expected_world_size}; pass --from {manifest.world_size} or leave --from out",
-            path=s.url_of(MANIFEST_NAME),
-            expected=expected_world_size,
-            actual=manifest.world_size,
-        )
+    _check_expected(s, manifest.world_size, expected_world_size)
     headers, header_crcs = read_source_headers(s, manifest)
     model_bytes = s.size(manifest.model_file.path) if manifest.model_file else None
     return manifest, headers, header_crcs, plan_reshard(manifest, headers, world_size, model_bytes)

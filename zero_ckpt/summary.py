@@ -118,10 +118,18 @@ def inspect_checkpoint(
     Raises the :class:`~zero_ckpt.errors.CheckpointError` that opening raises (incomplete
     checkpoint, unreadable or unsupported manifest, ...).
     """
-    from zero_ckpt import open_checkpoint  # the reader imports storage; keep this module light
+    # Imported here: storage pulls in fsspec; keep this module light for the CLI's --help.
+    from zero_ckpt.formats import detect_location_format, open_source
+    from zero_ckpt.opening import load_manifest
+    from zero_ckpt.storage import open_location
 
-    with open_checkpoint(url, storage_options=storage_options) as reader:
-        return summarize(reader.manifest, path=url, params=params)
+    with open_location(url, storage_options) as loc:
+        fmt = detect_location_format(loc)
+        # Format v1: the manifest alone (no shard is touched); others: their format-v1 view.
+        manifest = load_manifest(loc) if fmt == "zero-ckpt" else open_source(loc, fmt).manifest
+    out = summarize(manifest, path=url, params=params)
+    out["source_format"] = fmt
+    return out
 
 
 _SIZE_UNITS = {

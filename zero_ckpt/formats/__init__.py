@@ -51,14 +51,16 @@ def detect_location_format(loc: Location) -> str:
             path=loc.url,
         )
     if not loc.exists():
-        raise CheckpointError(f"no checkpoint at {loc.url}: nothing is there (check the path)", path=loc.url)
+        return "zero-ckpt"  # reading it then says "no checkpoint at ... (check the path)"
     if is_deepspeed_checkpoint(loc):
         return "deepspeed"
     files = loc.list_files()
+    if any(f.startswith(("shards/", "_parts/")) for f in files):
+        return "zero-ckpt"  # a format-v1 save that never finished: reading it says "incomplete"
     if files and all(f.endswith(_TORCH_SUFFIXES) or f.endswith(".json") for f in files):
         return "torch"
     if not files:
-        raise CheckpointError(f"no checkpoint at {loc.url}: the folder is empty", path=loc.url)
+        return "zero-ckpt"  # likewise: an empty folder holds no checkpoint
     raise CheckpointError(
         f"{loc.url} is not a checkpoint zero-ckpt recognises: no {MANIFEST_NAME} (format v1), no "
         "DeepSpeed 'latest' file or *_optim_states.pt files; pass the checkpoint folder itself",
