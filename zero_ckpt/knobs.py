@@ -61,12 +61,14 @@ def io_workers() -> int:
 
 
 def buffer_budget_bytes() -> int:
-    """Upper bound on the executors' transfer buffers together (ZERO_CKPT_BUFFER_BYTES, 64 MiB).
+    """Budget for the executors' buffers together (ZERO_CKPT_BUFFER_BYTES, 192 MiB): transfer
+    chunks (about 2 x chunk per worker: 64 MiB with the defaults) plus, for an S3
+    destination, the multipart part buffers; workers are reduced until both fit.
 
-    Peak memory of reshard/consolidate/verify is this plus the interpreter, independent of
-    checkpoint size.
+    Peak memory of reshard/consolidate/verify is within this plus the interpreter,
+    independent of checkpoint size. One worker always runs, whatever the budget.
     """
-    return _env_int("ZERO_CKPT_BUFFER_BYTES", 64 << 20)
+    return _env_int("ZERO_CKPT_BUFFER_BYTES", 192 << 20)
 
 
 def fsync() -> bool:

@@ -80,11 +80,20 @@ class ProgressTracker:
             self.fn(self.done, self.total)
 
 
-def resolve_workers(workers: int | None, chunk_bytes: int) -> int:
-    """Worker count within the buffer budget (each worker holds about two chunks)."""
+def resolve_workers(workers: int | None, chunk_bytes: int, dst: Location | None = None) -> int:
+    """The most workers (up to the wanted count) whose buffers fit the budget
+    (``ZERO_CKPT_BUFFER_BYTES``): about two chunks each, plus what the destination's writers
+    hold for them (S3 multipart part buffers; nothing on local disk). Never fewer than one."""
     wanted = workers or knobs.io_workers()
-    by_budget = max(1, knobs.buffer_budget_bytes() // max(1, 2 * chunk_bytes))
-    return max(1, min(wanted, by_budget))
+    budget = knobs.buffer_budget_bytes()
+
+    def need(n: int) -> int:
+        return 2 * n * chunk_bytes + (dst.write_buffer_bytes(n) if dst is not None else 0)
+
+    n = max(1, wanted)
+    while n > 1 and need(n) > budget:
+        n -= 1
+    return n
 
 
 # ----- reading a checkpoint's metadata --------------------------------------------------------
@@ -278,7 +287,7 @@ def run_file_plans(
     committed ones removed; the first error is raised.
     """
     chunk = chunk_bytes or knobs.chunk_bytes()
-    nworkers = resolve_workers(workers, chunk)
+    nworkers = resolve_workers(workers, chunk, dst)
     buffers = _Buffers()
     jobs: list[_FileJob] = []
     tasks: list[tuple[_FileJob, list[CopyOp], bool]] = []
