@@ -1,4 +1,5 @@
-"""``zero-ckpt consolidate SRC OUT``: full (unpartitioned) safetensors weights from a checkpoint."""
+"""``zero-ckpt consolidate SRC OUT``: full (unpartitioned) safetensors weights from a checkpoint,
+or plain torch files (``--format torch``)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,23 @@ from cli.reshard_cmd import announce_part, echo_part, part_options
     is_flag=True,
     help="Also write the full optimizer state (exp_avg, ...) next to the weights.",
 )
+@click.option(
+    "--format",
+    "out_format",
+    type=click.Choice(["safetensors", "torch"]),
+    default="safetensors",
+    show_default=True,
+    help=(
+        "torch: write optimizer.pt, a state dict that optimizer.load_state_dict of a plain torch "
+        "optimizer accepts, next to the model (holds the whole optimizer state in memory)."
+    ),
+)
+@click.option(
+    "--model-format",
+    type=click.Choice(["safetensors", "pt"]),
+    default=None,
+    help="With --format torch: the model as model.safetensors (default) or model.pt.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT's files if they already exist.")
 @part_options
 @json_option
@@ -43,6 +61,8 @@ def consolidate(
     dtype: str | None,
     max_shard_size: int | None,
     include_optimizer: bool,
+    out_format: str,
+    model_format: str | None,
     overwrite: bool,
     part: Any,
     workers: int | None,
@@ -59,17 +79,52 @@ def consolidate(
     files (use --max-shard-size to have several); the part that completes the set verifies
     the pooled checksums and writes the index. OUT/_parts/ marks unfinished output.
 
+    With --format torch, OUT gets optimizer.pt (state by param id in group order, as a
+    non-sharded torch optimizer saves it, with param_names per group) and model.safetensors
+    (or model.pt): load them with optimizer.load_state_dict(torch.load(...)) and
+    model.load_state_dict(...). SRC may also be a DeepSpeed ZeRO-1/2 folder.
+
     \b
     Examples:
       zero-ckpt consolidate ./step-1200-dp16 ./hf-out --dtype bfloat16 --max-shard-size 5GB
       zero-ckpt consolidate ./step-1200 ./full --include-optimizer
       zero-ckpt consolidate SRC ./hf-out --max-shard-size 5GB --part 1/2   # host 1; 0/2 on the other
+      zero-ckpt consolidate ./step-1200-dp16 ./torch-out --format torch
     """
     import zero_ckpt
 
     from zero_ckpt.parts import PartResult
 
     opts = cli_options(ctx, storage_options, quiet)
+    if model_format is not None and out_format != "torch":
+        raise click.UsageError("--model-format applies to --format torch only")
+    if out_format == "torch":
+        if part is not None:
+            raise click.UsageError(
+                "--format torch writes one optimizer.pt and cannot be split with --part"
+            )
+        from zero_ckpt.conversion import consolidate_source
+
+        with progress_bar("consolidate", quiet=opts.quiet) as progress:
+            files = consolidate_source(
+                src,
+                out,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+                progress=progress,
+                storage_options=opts.storage_options,
+                workers=workers,
+                format="torch",
+                model_format=model_format or "safetensors",
+            )
+        if as_json:
+            echo_json({"src": src, "out": out, "format": "torch", "files": files})
+        else:
+            click.echo(f"consolidated {src} -> {out} as torch files:")
+            for name in files:
+                click.echo(f"  {name}")
+        return
     part = announce_part(part, opts.quiet)
     with progress_bar("consolidate", quiet=opts.quiet) as progress:
         result = zero_ckpt.consolidate(

@@ -1,4 +1,5 @@
-"""``zero-ckpt convert SRC DST``: a DeepSpeed ZeRO-1/2 checkpoint (or a zero-ckpt one) into format v1."""
+"""``zero-ckpt convert SRC DST``: a DeepSpeed ZeRO-1/2, plain torch or zero-ckpt checkpoint into
+format v1."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from cli._common import cli_options, common_options, echo_json, json_option, pro
 @click.argument("dst")
 @click.option(
     "--from-format",
-    type=click.Choice(["auto", "deepspeed", "zero-ckpt"]),
+    type=click.Choice(["auto", "deepspeed", "torch", "zero-ckpt"]),
     default="auto",
     show_default=True,
-    help="Format of SRC; auto detects it (manifest.json, or DeepSpeed's latest / *_optim_states.pt).",
+    help=(
+        "Format of SRC; auto detects it (manifest.json, DeepSpeed's latest / *_optim_states.pt, "
+        "or a folder with optimizer.pt / a .pt file for plain torch)."
+    ),
 )
 @click.option(
     "--to",
@@ -26,6 +30,22 @@ from cli._common import cli_options, common_options, echo_json, json_option, pro
     default=None,
     metavar="M",
     help="Data-parallel world size of the result (default: the source's).",
+)
+@click.option(
+    "--model",
+    "model_path",
+    default=None,
+    metavar="FILE",
+    help="torch sources: the model state dict (.safetensors or .pt) when SRC does not hold it.",
+)
+@click.option(
+    "--param-names",
+    default=None,
+    metavar="FILE",
+    help=(
+        "torch sources: JSON list of the parameter names in the optimizer's id order (or one "
+        "list per param group), when the state dict does not record them."
+    ),
 )
 @click.option("--overwrite", is_flag=True, help="Replace DST if it already holds something.")
 @json_option
@@ -37,6 +57,8 @@ def convert(
     dst: str,
     from_format: str,
     to_world_size: int | None,
+    model_path: str | None,
+    param_names: str | None,
     overwrite: bool,
     as_json: bool,
     storage_options: dict[str, Any],
@@ -47,13 +69,20 @@ def convert(
     SRC may be a DeepSpeed run folder (with its `latest` file) or a global_stepN folder of a
     ZeRO stage 1 or 2 run (fp32, bf16). Byte ranges are streamed out of DeepSpeed's .pt files
     without loading them and without running any code from them; memory stays bounded.
-    DST gets its manifest last, so an interrupted convert never looks complete.
+
+    SRC may also be a plain PyTorch checkpoint: a folder with optimizer.pt (optimizer.state_dict())
+    and model.safetensors or model.pt (model.state_dict()), plus param_names.json when the
+    optimizer was not built from named parameters; or one .pt file holding both under
+    "optimizer" and "model". It is loaded with torch.load(weights_only=True) and written at
+    --to M ranks (default 1). DST gets its manifest last, so an interrupted convert never
+    looks complete.
 
     \b
     Examples:
       zero-ckpt convert ./run1 ./run1-zc
       zero-ckpt convert ./run1/global_step1200 ./step1200-dp16 --to 16
       zero-ckpt convert s3://bucket/run1 ./local --from-format deepspeed -o anon=true
+      zero-ckpt convert ./torch-ckpt ./step1200-dp8 --to 8 --param-names names.json
     """
     from zero_ckpt.conversion import convert as convert_checkpoint
 
@@ -67,6 +96,8 @@ def convert(
             overwrite=overwrite,
             progress=progress,
             storage_options=opts.storage_options,
+            model=model_path,
+            param_names=param_names,
         )
     source = manifest.extra.get("converted_from") or {}
     if as_json:

@@ -1,4 +1,4 @@
-"""``convert``: a foreign checkpoint (DeepSpeed ZeRO-1/2) into format v1, streaming.
+"""``convert``: a foreign checkpoint (DeepSpeed ZeRO-1/2, plain torch) into format v1.
 
 The source is read as a format-v1 view (:mod:`zero_ckpt.formats.deepspeed`): its shards are
 the DeepSpeed ``*_optim_states.pt`` files and its headers the byte ranges of the real elements
@@ -6,7 +6,13 @@ inside them, so the ordinary planners and engine do the work: ``plan_reshard`` c
 shards (at the source's world size, or another one), and the model file (buffers, frozen params)
 is written as ``model.safetensors`` from byte ranges of ``mp_rank_00_model_states.pt``. Nothing
 is loaded whole; memory stays within the engine's buffers. :func:`consolidate_source` does the
-same for full tensors (``zero_to_fp32`` without the memory).
+same for full tensors (``zero_to_fp32`` without the memory), and with ``format="torch"``
+writes plain torch files (``optimizer.pt`` + model) instead.
+
+Plain torch sources (a folder with ``optimizer.pt`` and ``model.safetensors``/``model.pt``, or
+one ``.pt`` training checkpoint) are imported by :mod:`zero_ckpt.formats.torch_optim`: a torch
+optimizer state dict keys its state by param id with no byte layout to stream from, so it is
+loaded (memory-mapped when local) and written one rank's shard at a time.
 """
 
 from __future__ import annotations
@@ -23,19 +29,27 @@ from zero_ckpt.safetensors_format import SafetensorsHeader, build_header
 from zero_ckpt.storage import Location, open_location, prepare_destination
 from zero_ckpt.transfer import ProgressFn, ProgressTracker, run_file_plans
 
-__all__ = ["convert", "consolidate_source", "plan_model_file"]
+__all__ = ["convert", "consolidate_source", "plan_model_file", "check_format"]
 
 _VERSION = "0.1.0"
 
 
-def _check_format(loc: Location, from_format: str) -> str:
+def check_format(loc: Location, from_format: str) -> str:
+    """The source format to read ``loc`` as: ``from_format`` when it names one, else detected
+    (a folder holding ``optimizer.pt`` is a plain torch checkpoint, whatever model file sits
+    next to it). CheckpointError naming the choices for an unknown name."""
     if from_format == "auto":
+        from zero_ckpt.formats.torch_optim import is_torch_folder
+
+        if is_torch_folder(loc):
+            return "torch"
         return detect_location_format(loc)
     if from_format not in FORMATS:
         raise CheckpointError(
             f"unknown source format {from_format!r}; choose 'auto' or one of {', '.join(FORMATS)}"
         )
     return from_format
+
 
 
 def plan_model_file(
@@ -73,20 +87,27 @@ def convert(
     workers: int | None = None,
     chunk_bytes: int | None = None,
     fsync: bool | None = None,
+    model: str | None = None,
+    param_names: Any = None,
 ) -> Manifest:
     """Write the checkpoint at ``src`` to ``dst`` in format v1; returns the new manifest.
 
     ``from_format``: ``"auto"`` (detect), ``"deepspeed"`` (a run folder with ``latest`` or a
-    ``global_stepN`` folder of ZeRO stage 1/2) or ``"zero-ckpt"`` (then this is a reshard).
-    ``world_size``: shards of the result (default: the source's data-parallel size).
-    Streams byte ranges out of the source files with bounded memory; ``manifest.json`` is
-    written last, and on any error ``dst`` keeps nothing this call wrote. DeepSpeed files carry
+    ``global_stepN`` folder of ZeRO stage 1/2), ``"torch"`` (a folder with ``optimizer.pt`` and
+    ``model.safetensors``/``model.pt`` (+ ``param_names.json``), or one ``.pt`` training
+    checkpoint; see :mod:`zero_ckpt.formats.torch_optim`) or ``"zero-ckpt"`` (a reshard).
+    ``world_size``: shards of the result (default: the source's data-parallel size; 1 for a
+    plain torch source). ``model``/``param_names``: torch sources only: the model state dict
+    file and the param names (a list, or the URL of a JSON list) when the source lacks them.
+    DeepSpeed and zero-ckpt sources are streamed as byte ranges with bounded memory (a torch
+    state dict has no byte layout to stream: it is loaded, memory-mapped when local, and
+    written one rank's shard at a time); ``manifest.json`` is written last, and on any error ``dst`` keeps nothing this call wrote. DeepSpeed files carry
     no checksums, so the result's checksums are those of the bytes read.
     """
     if world_size is not None and world_size < 1:
         raise LayoutMismatchError(f"target world size must be at least 1, got {world_size}")
     with open_location(src, storage_options) as s:
-        fmt = _check_format(s, from_format)
+        fmt = check_format(s, from_format)
         if fmt == "zero-ckpt":
             from zero_ckpt.resharding import reshard
             from zero_ckpt.transfer import load_manifest
@@ -97,10 +118,24 @@ def convert(
                 storage_options=storage_options, dst_storage_options=dst_storage_options,
                 workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
             )
+        if fmt == "torch":
+            from zero_ckpt.formats.torch_optim import import_torch_files
+
+            return import_torch_files(
+                src, dst, world_size=world_size or 1, model=model, param_names=param_names,
+                overwrite=overwrite, storage_options=storage_options,
+                dst_storage_options=dst_storage_options, fsync=fsync,
+            )
+        if model is not None or param_names is not None:
+            raise CheckpointError(
+                f"{src} is a {fmt} checkpoint; model= and param_names= apply to plain torch "
+                "sources only",
+                path=src,
+            )
         if fmt != "deepspeed":
             raise CheckpointError(
-                f"{src} is a {fmt} checkpoint; convert reads DeepSpeed ZeRO-1/2 and zero-ckpt "
-                "checkpoints (plain torch import is not supported yet)",
+                f"{src} is a {fmt} checkpoint; convert reads DeepSpeed ZeRO-1/2, plain torch and "
+                "zero-ckpt checkpoints",
                 path=src,
             )
         view = read_deepspeed(s)
@@ -175,16 +210,35 @@ def consolidate_source(
     workers: int | None = None,
     chunk_bytes: int | None = None,
     fsync: bool | None = None,
+    format: str = "safetensors",
+    model_format: str = "safetensors",
 ) -> list[str]:
     """Full named tensors of the checkpoint at ``src`` (any readable format) in ``out``, as
     :func:`zero_ckpt.consolidate` writes them; returns the files written (relative to ``out``).
+
+    ``format="torch"``: plain torch files instead, ``optimizer.pt`` (a state dict that
+    ``optimizer.load_state_dict`` of a plain torch optimizer accepts) and the model as
+    ``model.safetensors`` (``model_format="safetensors"``, the default) or ``model.pt``
+    (``"pt"``); see :func:`zero_ckpt.formats.torch_optim.export_torch`, whose memory is that of
+    the optimizer state (``torch.save`` needs the objects). ``include_optimizer`` is implied.
 
     For a DeepSpeed ZeRO-1/2 checkpoint the result holds what DeepSpeed's ``zero_to_fp32.py``
     gives (bit for bit with ``dtype="float32"``), plus the frozen params ZeRO-1 checkpoints keep
     only in the module weights and every tied name, in bounded memory.
     """
+    if format == "torch":
+        from zero_ckpt.formats.torch_optim import export_torch
+
+        return export_torch(
+            src, out, from_format=from_format, model_format=model_format, dtype=dtype,
+            max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+            storage_options=storage_options, out_storage_options=out_storage_options,
+            workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
+        ).files
+    if format != "safetensors":
+        raise CheckpointError(f"unknown output format {format!r}; choose 'safetensors' or 'torch'")
     with open_location(src, storage_options) as s:
-        fmt = _check_format(s, from_format)
+        fmt = check_format(s, from_format)
         if fmt == "zero-ckpt":
             from zero_ckpt.consolidation import consolidate
 
@@ -196,7 +250,11 @@ def consolidate_source(
             )
             return list(result.files)
         if fmt != "deepspeed":
-            raise CheckpointError(f"{src} is a {fmt} checkpoint, which consolidate cannot read yet", path=src)
+            raise CheckpointError(
+                f"{src} is a {fmt} checkpoint, which consolidate does not read; it is full "
+                "tensors already (zero-ckpt convert --from-format torch makes it a zero-ckpt one)",
+                path=src,
+            )
         view = read_deepspeed(s)
         plan = plan_consolidate(
             view.manifest, view.headers, view.model_header, dtype=dtype,

@@ -57,7 +57,10 @@ def detect_location_format(loc: Location) -> str:
     files = loc.list_files()
     if any(f.startswith(("shards/", "_parts/")) for f in files):
         return "zero-ckpt"  # a format-v1 save that never finished: reading it says "incomplete"
-    if files and all(f.endswith(_TORCH_SUFFIXES) or f.endswith(".json") for f in files):
+    if files and (
+        "optimizer.pt" in files
+        or all(f.endswith(_TORCH_SUFFIXES) or f.endswith(".json") for f in files)
+    ):
         return "torch"
     if not files:
         return "zero-ckpt"  # likewise: an empty folder holds no checkpoint
@@ -108,8 +111,8 @@ def open_source(loc: Location, from_format: str = "auto") -> OpenedSource:
         return OpenedSource(view.manifest, view.headers, {}, view.model_header)
     if fmt == "torch":
         raise CheckpointError(
-            f"{loc.url} is a plain torch checkpoint; importing those is not supported yet: convert "
-            "a DeepSpeed or zero-ckpt checkpoint instead",
+            f"{loc.url} is a plain torch checkpoint: convert it first with `zero-ckpt convert "
+            f"{loc.url} DST --from-format torch --to N` (or zero_ckpt.convert(..., from_format='torch'))",
             path=loc.url,
         )
     raise CheckpointError(f"unknown source format {fmt!r}; choose one of {', '.join(FORMATS)} or 'auto'")
