@@ -25,6 +25,7 @@ from ``zero_core``'s optimizer.
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 import weakref
@@ -146,7 +147,8 @@ def _failure(exc: BaseException, group) -> _Failure:
 
 
 def _reraise(step: str, f: _Failure) -> CheckpointError:
-    cls = getattr(_errors, f.cls_name, None)
+    # The library's error classes live in zero_ckpt.errors, except the run directory's.
+    cls = getattr(_errors, f.cls_name, None) or getattr(runs, f.cls_name, None)
     if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
         cls = CheckpointError
         message = f"{step} failed on rank {f.rank}: {f.cls_name}: {f.message}"
@@ -295,6 +297,10 @@ def _take_snapshot(
     if staging is not None:
         tensors = _stage(staging, "opt", tensors)
         model_state = _stage(staging, "model", model_state)
+        # The metadata too is the one at the save call: without a process group (or on rank
+        # 0 of one, before the all-gather copies it) it still shares the caller's nested
+        # ``extra`` values, which training may change while the save is in flight.
+        manifest = copy.deepcopy(manifest)
     return _Snapshot(manifest, tensors, model_state)
 
 
@@ -406,22 +412,25 @@ def save(
     save (non-empty ``path``) changes nothing on disk. Raises on every rank.
 
     Run directories: with ``latest=True`` the parent of ``path`` gets a ``latest`` file naming
-    this checkpoint, written only after the manifest; ``keep_last=K`` then deletes all but the
+    this checkpoint, written only after the manifest; ``keep_last=K`` (which implies
+    ``latest``: retention keeps what ``latest`` names) then deletes all but the
     newest K complete checkpoints there (never the one ``latest`` names; see
     :func:`zero_ckpt.runs.apply_retention`).
 
     ``async_=True`` returns an :class:`AsyncSave` as soon as this rank's state is copied to
     host staging buffers (reused across saves); the files are written by a background thread
-    over a dedicated gloo group. The next ``save`` waits for it first, ``wait()`` returns the
-    manifest or raises, and the optimizer's next ``step()`` raises if the save failed, so
-    training never silently continues past a failed save. Otherwise returns the manifest.
+    over a dedicated gloo group. ``wait()`` returns the manifest or raises its error. The
+    next ``save`` or ``load`` of the same optimizer waits for it first, and raises
+    (``CheckpointError``) if it failed and ``wait()`` has not reported that yet; so does the
+    optimizer's next ``step()`` once the failed save has finished on this rank (a save still
+    running is not waited for). Training never silently continues past a failed save, and an
+    error is stopped on once: after ``wait()`` raised it, saving and training go on.
+    Otherwise returns the manifest.
     """
     _check_save_args(keep_last)
     group = _group_of(optimizer)
     rank = optimizer.rank
-    previous = _PENDING.pop(optimizer, None)
-    if previous is not None:
-        previous.wait()
+    _finish_pending(optimizer, f"the save to {path}")
     loc = open_location(path, storage_options)
     if not async_:
         try:
@@ -458,13 +467,17 @@ def save(
 
 class AsyncSave:
     """A save running in the background. ``wait()`` blocks until it is done and returns the
-    manifest, or raises its error (on every rank: the ranks agree inside the save)."""
+    manifest, or raises its error (on every rank: the ranks agree inside the save), every
+    time it is called. ``done()``: finished; ``failed()``: finished with an error."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._thread: threading.Thread | None = None
         self._manifest: Manifest | None = None
         self._error: BaseException | None = None
+        # Whether the error has reached the caller (wait(), the next save/load or step()):
+        # it is raised by wait() every time, but stops a later save, load or step only once.
+        self._reported = False
 
     def done(self) -> bool:
         return self._thread is not None and not self._thread.is_alive()
@@ -478,9 +491,24 @@ class AsyncSave:
         if self._thread.is_alive():
             raise TimeoutError(f"the save to {self.url} is still running after {timeout} s")
         if self._error is not None:
+            self._reported = True
             raise self._error
         assert self._manifest is not None
         return self._manifest
+
+    def _unreported_failure(self, what: str) -> CheckpointError | None:
+        """Once finished: the error to stop ``what`` with, when this save failed and nobody
+        was told yet (then it counts as told); else None."""
+        if self._error is None or self._reported:
+            return None
+        self._reported = True
+        exc = CheckpointError(
+            f"the background save to {self.url} failed; {what} stops here rather than go on "
+            f"without a checkpoint: {self._error}",
+            path=self.url,
+        )
+        exc.__cause__ = self._error
+        return exc
 
 
 # Per optimizer: its save in flight, and its staging buffers (kept across saves).
@@ -498,15 +526,28 @@ def _install_step_guard(optimizer: Any) -> None:
 
     def guard(opt: Any, args: Any, kwargs: Any) -> None:
         pending = _PENDING.get(opt)
-        if pending is not None and pending.failed():
+        if pending is not None and pending.done():
             _PENDING.pop(opt, None)
-            raise CheckpointError(
-                f"the background save to {pending.url} failed; training stops here rather than "
-                f"continue without a checkpoint: {pending._error}"
-            ) from pending._error
+            error = pending._unreported_failure("training (optimizer.step())")
+            if error is not None:
+                raise error
 
     optimizer.register_step_pre_hook(guard)
     _GUARDED.add(optimizer)
+
+
+def _finish_pending(optimizer: Any, what: str) -> None:
+    """Wait for the optimizer's save in flight, if any (its staging buffers are about to be
+    reused, or its files read); raise its error when it failed and nobody was told yet.
+    Every rank decides alike: the ranks agreed on the outcome inside the save."""
+    previous = _PENDING.pop(optimizer, None)
+    if previous is None:
+        return
+    assert previous._thread is not None
+    previous._thread.join()
+    error = previous._unreported_failure(what)
+    if error is not None:
+        raise error
 
 
 def _checkpoint_group(group):
@@ -576,7 +617,9 @@ def load(
 ) -> LoadResult:
     """Restore optimizer (and model) state from ``path``, saved at any data-parallel size.
 
-    ``path`` is a checkpoint, or a run directory whose ``latest`` file names one.
+    ``path`` is a checkpoint, or a run directory whose ``latest`` file names one. An async
+    save of ``optimizer`` still in flight is finished first (and its failure raised, as
+    ``CheckpointError``, unless ``wait()`` reported it already).
 
     Collective: call on every rank of the optimizer's process group. Each rank reads only the
     byte ranges of its new partition; the ranks then check together that every tensor they
@@ -593,9 +636,7 @@ def load(
     model, a missing, truncated or corrupted file, a bad averager state), nothing has changed.
     """
     group = _group_of(optimizer)
-    previous = _PENDING.pop(optimizer, None)
-    if previous is not None:  # a save of this optimizer still in flight: finish it first
-        previous.wait()
+    _finish_pending(optimizer, f"the load of {path}")
     # A run directory means the checkpoint its `latest` names: rank 0 decides, for all.
     resolved = _agree(
         "resolving the checkpoint",
