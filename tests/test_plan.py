@@ -400,3 +400,27 @@ def test_property_partition_read(case, align) -> None:
     for r, header in src.items():
         path = shard_path(r, case["n"])
         _assert_read_once(intervals.get(path, []), header.data_start, header.file_bytes, path)
+
+
+@given(
+    numel=st.integers(0, 500),
+    src_dtype=st.sampled_from(["float32", "bfloat16", "float64"]),
+    dst_dtype=st.sampled_from(["float32", "bfloat16"]),
+    max_bytes=st.integers(1, 700),
+)
+@settings(max_examples=60, deadline=None)
+def test_split_op_pieces_tile_the_op(numel, src_dtype, dst_dtype, max_bytes):
+    from zero_ckpt.plan import CopyOp, split_op
+
+    op = CopyOp("a", "g0.master", 12, 112, "t", 8, 208, numel, src_dtype, dst_dtype)
+    pieces = split_op(op, max_bytes)
+    assert sum(p.numel for p in pieces) == numel
+    src, dst = op.src_start, op.dst_start
+    for p in pieces:
+        assert (p.src_start, p.dst_start) == (src, dst)
+        assert p.src_start - p.src_offset == op.src_start - op.src_offset
+        assert p.dst_start - p.dst_offset == op.dst_start - op.dst_offset
+        assert p.src_nbytes <= max(max_bytes, p.src_nbytes // max(p.numel, 1))
+        src += p.src_nbytes
+        dst += p.dst_nbytes
+    assert (src, dst) == (op.src_start + op.src_nbytes, op.dst_start + op.dst_nbytes)

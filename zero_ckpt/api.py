@@ -29,6 +29,7 @@ import copy
 import re
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -55,10 +56,17 @@ from zero_ckpt.manifest import (
     shard_path,
     tensor_name,
 )
-from zero_ckpt.plan import CopyOp, plan_partition_read
+from zero_ckpt.plan import CopyOp, plan_partition_read, split_op
 from zero_ckpt.safetensors_format import SafetensorsHeader
 from zero_ckpt.storage import Location, open_location, prepare_destination
-from zero_ckpt.transfer import SourceChecks, _Buffers, copy_op_into, load_manifest, read_header
+from zero_ckpt.transfer import (
+    SourceChecks,
+    _Buffers,
+    copy_op_into,
+    load_manifest,
+    read_header,
+    resolve_workers,
+)
 from zero_ckpt import knobs, runs
 from zero_ckpt.writer import dtype_name, write_model_file, write_shard
 
@@ -735,6 +743,7 @@ def _read_partition(
     chunk = knobs.chunk_bytes()
     out = []
     total = 0
+    jobs: list[tuple[CopyOp, memoryview]] = []
     for g, gm in enumerate(manifest.groups):
         reads = plans[layouts[g].align]
         real = reads.real_numel[g]
@@ -749,9 +758,15 @@ def _read_partition(
         }
         views = {key: memoryview(t.view(torch.uint8).numpy()) if real else memoryview(b"") for key, t in dest.items()}
         for op in reads.ops[g]:
-            _copy(op, loc, buffers, chunk, views[op.dst_tensor], checks)  # type: ignore[index]
+            # Pieces of a few chunks each: several ranged reads in flight even when the
+            # partition comes from one source shard.
+            jobs += [(piece, views[op.dst_tensor]) for piece in split_op(op, 4 * chunk)]  # type: ignore[index]
             total += op.src_nbytes
         out.append(dest)
+    # Disjoint destination ranges: workers write without locks (the checks have their own).
+    with ThreadPoolExecutor(max_workers=resolve_workers(None, chunk)) as pool:
+        for f in [pool.submit(_copy, op, loc, buffers, chunk, view, checks) for op, view in jobs]:
+            f.result()
     by_path = {manifest.shard(r).path: h for r, h in headers.items()}
     return out, total, by_path, header_crcs
 

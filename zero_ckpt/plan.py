@@ -38,6 +38,7 @@ __all__ = [
     "plan_reshard",
     "plan_consolidate",
     "plan_partition_read",
+    "split_op",
     "retarget_manifest",
     "shard_header",
     "CONSOLIDATED_MODEL_NAME",
@@ -462,3 +463,27 @@ def plan_partition_read(
             )
         all_ops.append(_with_recorded_paths(ops, paths))
     return PartitionRead(tuple(all_ops), tuple(reals))
+
+
+def split_op(op: CopyOp, max_src_bytes: int) -> list[CopyOp]:
+    """Cut an op into consecutive ops of at most ``max_src_bytes`` source bytes (whole
+    elements), so one large range can be fetched by several workers at once."""
+    src_size = op.src_nbytes // op.numel if op.numel else 1
+    dst_size = op.dst_nbytes // op.numel if op.numel else 1
+    per_op = max(1, max_src_bytes // src_size)
+    if op.numel <= per_op:
+        return [op]
+    out = []
+    for start in range(0, op.numel, per_op):
+        n = min(per_op, op.numel - start)
+        out.append(
+            replace(
+                op,
+                src_offset=op.src_offset + start * src_size,
+                src_start=op.src_start + start * src_size,
+                dst_offset=op.dst_offset + start * dst_size,
+                dst_start=op.dst_start + start * dst_size,
+                numel=n,
+            )
+        )
+    return out
