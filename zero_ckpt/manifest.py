@@ -85,9 +85,18 @@ class GroupMeta:
     state_dtypes: dict[str, str] = field(default_factory=dict)
 
     def layout(self, world_size: int) -> GroupLayout:
-        """The group's layout cut for ``world_size`` ranks (any size, not only the saved one)."""
-        specs = [ParamSpec(p.name, tuple(p.shape), p.dtype, p.offset) for p in self.params]
-        return GroupLayout.from_specs(specs, world_size=world_size, align=self.align)
+        """The group's layout cut for ``world_size`` ranks (any size, not only the saved one).
+
+        Cached per world size: planners ask for it once per rank, and building it is linear in
+        the number of params. (The cache lives outside the dataclass fields, so equality and
+        ``replace`` ignore it.)"""
+        cache = self.__dict__.setdefault("_layout_cache", {})
+        layout = cache.get(world_size)
+        if layout is None:
+            specs = [ParamSpec(p.name, tuple(p.shape), p.dtype, p.offset) for p in self.params]
+            layout = GroupLayout.from_specs(specs, world_size=world_size, align=self.align)
+            cache[world_size] = layout
+        return layout
 
     @property
     def keys(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ are never stored on disk: a rank's *real* range stops at ``numel``.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -197,15 +198,18 @@ class GroupLayout:
 
     # ----- fragments ----------------------------------------------------------------------
 
+    @functools.cached_property
+    def _offsets(self) -> list[int]:
+        return [p.offset for p in self.params]
+
     def fragments_of_rank(self, rank: int) -> list[Fragment]:
         """Fragments rank holds, in flat order (params of size 0 hold no fragment)."""
         start, end = self.real_range(rank)
         if start == end:
             return []
         partition_base = rank * self.partition_numel
-        offsets = [p.offset for p in self.params]
         # The last param starting at or before `start` may reach into this rank.
-        first = max(bisect.bisect_right(offsets, start) - 1, 0)
+        first = max(bisect.bisect_right(self._offsets, start) - 1, 0)
         out: list[Fragment] = []
         for i in range(first, len(self.params)):
             p = self.params[i]
