@@ -24,7 +24,7 @@ from zero_ckpt.errors import CheckpointError, LayoutMismatchError
 from zero_ckpt.formats import FORMATS, detect_location_format
 from zero_ckpt.formats.deepspeed import DeepSpeedView, read_deepspeed
 from zero_ckpt.manifest import MANIFEST_NAME, MODEL_FILE_NAME, Manifest
-from zero_ckpt.plan import CopyOp, FilePlan, plan_consolidate, plan_reshard
+from zero_ckpt.plan import CopyOp, FilePlan, plan_reshard
 from zero_ckpt.safetensors_format import SafetensorsHeader, build_header
 from zero_ckpt.storage import Location, open_location, prepare_destination
 from zero_ckpt.transfer import ProgressFn, ProgressTracker, run_file_plans
@@ -239,38 +239,18 @@ def consolidate_source(
         raise CheckpointError(f"unknown output format {format!r}; choose 'safetensors' or 'torch'")
     with open_location(src, storage_options) as s:
         fmt = check_format(s, from_format)
-        if fmt == "zero-ckpt":
-            from zero_ckpt.consolidation import consolidate
-
-            result = consolidate(
-                src, out, dtype=dtype, max_shard_size=max_shard_size,
-                include_optimizer=include_optimizer, overwrite=overwrite, progress=progress,
-                storage_options=storage_options, out_storage_options=out_storage_options,
-                workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
-            )
-            return list(result.files)
-        if fmt != "deepspeed":
-            raise CheckpointError(
-                f"{src} is a {fmt} checkpoint, which consolidate does not read; it is full "
-                "tensors already (zero-ckpt convert --from-format torch makes it a zero-ckpt one)",
-                path=src,
-            )
-        view = read_deepspeed(s)
-        plan = plan_consolidate(
-            view.manifest, view.headers, view.model_header, dtype=dtype,
-            max_shard_size=max_shard_size, include_optimizer=include_optimizer,
+    if fmt not in ("zero-ckpt", "deepspeed"):
+        raise CheckpointError(
+            f"{src} is a {fmt} checkpoint, which consolidate does not read; it is full "
+            "tensors already (zero-ckpt convert --from-format torch makes it a zero-ckpt one)",
+            path=src,
         )
-        with open_location(out, storage_options if out_storage_options is None else out_storage_options) as d:
-            prepare_destination(s, d, overwrite)
-            tracker = ProgressTracker(progress, sum(op.src_nbytes for f in plan.files for op in f.ops))
-            written = run_file_plans(
-                s, d, plan.files, workers=workers, chunk_bytes=chunk_bytes, progress=tracker, fsync=fsync
-            )
-            try:
-                for name, data in plan.documents.items():
-                    d.write_atomic(name, data)
-            except BaseException:
-                for path in [*written, *plan.documents]:
-                    d.remove(path)
-                raise
-    return [f.path for f in plan.files] + list(plan.documents)
+    from zero_ckpt.consolidation import consolidate  # reads both formats in place
+
+    result = consolidate(
+        src, out, dtype=dtype, max_shard_size=max_shard_size,
+        include_optimizer=include_optimizer, overwrite=overwrite, progress=progress,
+        storage_options=storage_options, out_storage_options=out_storage_options,
+        workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
+    )
+    return list(result.files)
