@@ -9,6 +9,8 @@ import click
 
 from cli._common import cli_options, common_options, echo_json, json_option, progress_bar
 
+FORMATS = ("zero-ckpt", "deepspeed", "deepspeed-universal")
+
 
 class PartType(click.ParamType):
     """``I/N``: part I (0-based) of a job split N ways (see ``zero_ckpt.parts``)."""
@@ -106,9 +108,9 @@ def echo_part(result: Any, as_json: bool, verb: str, src: str, dst: str, extra: 
     "--to",
     "to_world_size",
     type=click.IntRange(min=1),
-    required=True,
+    default=None,
     metavar="M",
-    help="Data-parallel world size of the new checkpoint.",
+    help="Data-parallel world size of the new checkpoint (required, except with --format deepspeed-universal).",
 )
 @click.option(
     "--from",
@@ -117,6 +119,23 @@ def echo_part(result: Any, as_json: bool, verb: str, src: str, dst: str, extra: 
     default=None,
     metavar="N",
     help="World size you expect SRC to have; refused (exit 1) if the manifest says otherwise.",
+)
+@click.option(
+    "--format",
+    "out_format",
+    type=click.Choice(FORMATS),
+    default="zero-ckpt",
+    show_default=True,
+    help=(
+        "What DST becomes: zero-ckpt (format v1), deepspeed (a DeepSpeed ZeRO-1/2 run folder that "
+        "DeepSpeed loads at M ranks) or deepspeed-universal (DeepSpeed's universal checkpoint, any size)."
+    ),
+)
+@click.option(
+    "--tag",
+    default=None,
+    metavar="NAME",
+    help="DeepSpeed formats: the tag folder to write (default: the source's tag, else global_step<N>).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace DST if it already holds a checkpoint.")
 @part_options
@@ -127,8 +146,10 @@ def reshard(
     ctx: click.Context,
     src: str,
     dst: str,
-    to_world_size: int,
+    to_world_size: int | None,
     from_world_size: int | None,
+    out_format: str,
+    tag: str | None,
     overwrite: bool,
     part: Any,
     workers: int | None,
@@ -141,6 +162,11 @@ def reshard(
     Only byte ranges move: no value changes, no GPU or process group is needed, memory stays
     bounded. DST gets its manifest last, so an interrupted reshard never looks complete.
 
+    SRC may be a format-v1 or a DeepSpeed ZeRO-1/2 checkpoint. With --format deepspeed, DST is
+    a DeepSpeed run folder (its 'latest' file written last) that engine.load_checkpoint(DST)
+    resumes at M data-parallel ranks with the optimizer state intact; with --format
+    deepspeed-universal, DeepSpeed's universal layout (its 'latest_universal' written last).
+
     With --part I/N (or under torchrun) this process writes only its share of the shards;
     the part that completes the set verifies the pooled checksums and writes the manifest.
 
@@ -150,12 +176,26 @@ def reshard(
       zero-ckpt reshard s3://bucket/run1/step-1200 ./dp3 --to 3 -o anon=true
       zero-ckpt reshard s3://b/step-1200 s3://b/dp16 --to 16 --part 0/4   # host 0; 1/4 .. 3/4 on the others
       torchrun --nproc-per-node 4 --no-python zero-ckpt reshard SRC DST --to 16
+      zero-ckpt reshard ./run/global_step1200 ./run-dp16 --to 16 --format deepspeed
+      zero-ckpt reshard ./run ./run-universal --format deepspeed-universal
     """
+    opts = cli_options(ctx, storage_options, quiet)
+    if out_format != "zero-ckpt":
+        if part is not None:
+            raise click.UsageError(f"--part is not available with --format {out_format}")
+        if out_format == "deepspeed" and to_world_size is None:
+            raise click.UsageError("--format deepspeed needs --to M, the data-parallel size to write")
+        _reshard_deepspeed(src, dst, out_format, to_world_size, from_world_size, tag, overwrite,
+                           workers, as_json, opts)
+        return
+    if to_world_size is None:
+        raise click.UsageError("Missing option '--to'.")
+    if tag is not None:
+        raise click.UsageError("--tag applies to --format deepspeed and deepspeed-universal only")
     import zero_ckpt
 
     from zero_ckpt.parts import PartResult
 
-    opts = cli_options(ctx, storage_options, quiet)
     part = announce_part(part, opts.quiet)
     with progress_bar("reshard", quiet=opts.quiet) as progress:
         manifest = zero_ckpt.reshard(
@@ -201,3 +241,47 @@ def reshard(
             f"resharded {src} -> {dst}: world size {manifest.world_size}, "
             f"{len(manifest.shards)} shards, {format_bytes(manifest.shard_bytes)}"
         )
+
+
+def _reshard_deepspeed(
+    src: str,
+    dst: str,
+    out_format: str,
+    to_world_size: int | None,
+    from_world_size: int | None,
+    tag: str | None,
+    overwrite: bool,
+    workers: int | None,
+    as_json: bool,
+    opts: Any,
+) -> None:
+    """``--format deepspeed`` / ``deepspeed-universal``: one library call, then print."""
+    from zero_ckpt.formats.deepspeed_writer import write_deepspeed, write_deepspeed_universal
+    from zero_ckpt.summary import format_bytes
+
+    with progress_bar("reshard", quiet=opts.quiet) as progress:
+        common = dict(
+            tag=tag, expected_world_size=from_world_size, overwrite=overwrite, progress=progress,
+            storage_options=opts.storage_options, workers=workers,
+        )
+        if out_format == "deepspeed":
+            result = write_deepspeed(src, dst, world_size=to_world_size, **common)  # type: ignore[arg-type]
+        else:
+            result = write_deepspeed_universal(src, dst, **common)
+    if as_json:
+        echo_json(
+            {
+                "src": src, "dst": dst, "format": out_format, "world_size": result.world_size,
+                "tag": result.tag, "files": list(result.files), "bytes": result.bytes,
+                "notes": list(result.notes),
+            }
+        )
+        return
+    what = f"world size {result.world_size}" if result.world_size is not None else "universal layout"
+    click.echo(
+        f"wrote {src} -> {dst} as a DeepSpeed checkpoint: {what}, tag {result.tag}, "
+        f"{len(result.files)} files, {format_bytes(result.bytes)}"
+    )
+    if not opts.quiet:
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
