@@ -225,13 +225,22 @@ def _segments(plan: FilePlan, parallel: bool) -> list[list[CopyOp]]:
 
 
 class _Buffers(threading.local):
+    """One read buffer and one cast buffer per worker thread, reused for every chunk: casting
+    into a fresh tensor per chunk would leave the allocator's arenas growing with the work."""
+
     def __init__(self) -> None:
         self.buf: bytearray | None = None
+        self.cast: bytearray | None = None
 
     def get(self, nbytes: int) -> bytearray:
         if self.buf is None or len(self.buf) < nbytes:
             self.buf = bytearray(nbytes)
         return self.buf
+
+    def get_cast(self, nbytes: int) -> bytearray:
+        if self.cast is None or len(self.cast) < nbytes:
+            self.cast = bytearray(nbytes)
+        return self.cast
 
 
 def copy_op_into(
@@ -261,7 +270,9 @@ def copy_op_into(
             checks.add(op.src_file, op.src_tensor, op.src_offset + done * src_size, len(view), crc32c(view))
         if cast:
             values = torch.frombuffer(buf, dtype=_TORCH_DTYPES[op.src_dtype], count=n)
-            out = memoryview(values.to(_TORCH_DTYPES[op.dst_dtype]).view(torch.uint8).numpy())
+            cast_buf = buffers.get_cast(per_chunk * dst_size)
+            torch.frombuffer(cast_buf, dtype=_TORCH_DTYPES[op.dst_dtype], count=n).copy_(values)
+            out = memoryview(cast_buf)[: n * dst_size]
         else:
             out = view
         emit(done * dst_size, out)
