@@ -704,7 +704,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             return fg.master_data
         if key == "grad":
             part = self._reducer.part_grads[g]
-            if part is None:
+            if part is None or not self._reducer.has_grad[g]:
                 raise KeyError(f"group {g} has no partition gradient (no backward since zero_grad)")
             return part
         value = self.optim.state.get(fg.master, {}).get(key)
