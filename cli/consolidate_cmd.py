@@ -7,8 +7,17 @@ from typing import Any
 
 import click
 
-from cli._common import SizeType, cli_options, common_options, echo_json, json_option, progress_bar
-from cli.reshard_cmd import announce_part, echo_part, part_options
+from cli._common import (
+    SizeType,
+    announce_part,
+    cli_options,
+    common_options,
+    echo_json,
+    echo_part,
+    json_option,
+    part_options,
+    progress_bar,
+)
 
 
 @click.command("consolidate")

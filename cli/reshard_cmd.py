@@ -2,103 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import click
 
-from cli._common import cli_options, common_options, echo_json, json_option, progress_bar
+from cli._common import (
+    announce_part,
+    cli_options,
+    common_options,
+    echo_json,
+    echo_part,
+    json_option,
+    part_options,
+    progress_bar,
+)
 
 FORMATS = ("zero-ckpt", "deepspeed", "deepspeed-universal")
-
-
-class PartType(click.ParamType):
-    """``I/N``: part I (0-based) of a job split N ways (see ``zero_ckpt.parts``)."""
-
-    name = "part"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from zero_ckpt.parts import PartSpec, parse_part
-
-        if isinstance(value, PartSpec):
-            return value
-        try:
-            return parse_part(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-def part_options(f: Any) -> Any:
-    """``--part I/N`` and ``--workers N``, shared by reshard and consolidate."""
-    f = click.option(
-        "--workers",
-        type=click.IntRange(min=1),
-        default=None,
-        metavar="N",
-        help="Parallel I/O threads in this process (default: ZERO_CKPT_WORKERS, 4).",
-    )(f)
-    f = click.option(
-        "--part",
-        type=PartType(),
-        default=None,
-        metavar="I/N",
-        help=(
-            "Do only part I (0-based) of the job split N ways, e.g. on N hosts; the part that "
-            "completes the set commits. Under torchrun the default is RANK/WORLD_SIZE."
-        ),
-    )(f)
-    return f
-
-
-def announce_part(part: Any, quiet: bool) -> Any:
-    """The ``part=`` argument for the library; says on stderr when torchrun's env picks it."""
-    if part is not None:
-        return part
-    from zero_ckpt.parts import part_from_env
-
-    spec = part_from_env(os.environ)
-    if spec is not None and not quiet:
-        click.echo(
-            f"torchrun environment: running part {spec} (RANK/WORLD_SIZE); "
-            "pass --part 0/1 to run the whole job here",
-            err=True,
-        )
-    return "auto"
-
-
-def echo_part(result: Any, as_json: bool, verb: str, src: str, dst: str, extra: dict[str, Any]) -> None:
-    """Print a part's outcome: files written, committed or which parts are awaited."""
-    from zero_ckpt.summary import format_bytes
-
-    if as_json:
-        echo_json(
-            {
-                "src": src, "dst": dst, "job": result.job, "part": result.part,
-                "parts": result.parts, "files": list(result.files), "bytes": result.bytes,
-                "resumed": result.resumed, "committed": result.committed,
-                "committed_by": result.committed_by, "waiting_for": list(result.waiting_for),
-                "outputs": list(result.outputs), **(extra if result.committed else {}),
-            }
-        )
-        return
-    n = len(result.files)
-    how = "found from an earlier run" if result.resumed else "wrote"
-    click.echo(
-        f"{verb} part {result.part}/{result.parts} of {src} -> {dst} (job {result.job}): "
-        f"{how} {n} file{'s' if n != 1 else ''}, {format_bytes(result.bytes)}"
-    )
-    for name in result.files:
-        click.echo(f"  {name}")
-    if result.committed:
-        by = (
-            "this part committed" if result.committed_by == result.part
-            else f"committed by part {result.committed_by}" if result.committed_by is not None
-            else "committed by another part"
-        )
-        click.echo(f"{by}: {dst} is complete" + (f" ({extra['summary']})" if extra.get("summary") else ""))
-    else:
-        waiting = ",".join(str(k) for k in result.waiting_for)
-        click.echo(f"waiting for parts {waiting} (the last part to finish commits)")
 
 
 @click.command("reshard")
