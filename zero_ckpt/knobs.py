@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "part_timeout_s",
     "chunk_bytes",
     "io_workers",
     "buffer_budget_bytes",
@@ -121,3 +122,10 @@ def s3_uploads() -> int:
     would exceed this waits for an upload to finish (back-pressure that bounds memory).
     """
     return _env_int("ZERO_CKPT_S3_UPLOADS", 4)
+
+
+def part_timeout_s() -> int:
+    """How long the ranks of a split job under torchrun wait for each other, in seconds
+    (ZERO_CKPT_PART_TIMEOUT_S, 24 h): a large job's parts may take hours; a failed rank tears
+    the others down earlier."""
+    return _env_int("ZERO_CKPT_PART_TIMEOUT_S", 24 * 3600)

@@ -58,6 +58,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from zero_ckpt import errors as _errors
+from zero_ckpt import knobs
 from zero_ckpt.checksum import crc32c_combine, format_checksum, parse_checksum
 from zero_ckpt.errors import (
     CheckpointError,
@@ -98,9 +99,6 @@ JOB_FILE = "job.json"
 _RECORD_FORMAT = "zero-ckpt-part"
 _JOB_FORMAT = "zero-ckpt-job"
 _RECORD_VERSION = 1
-# How long a rank waits in the process group for the slowest part (the gather after the work).
-# Under torchrun a failed rank tears the others down earlier. Env: ZERO_CKPT_PART_TIMEOUT_S.
-_GROUP_TIMEOUT_S = 24 * 3600
 
 
 # ----- pure: which part does what -------------------------------------------------------------
@@ -668,14 +666,6 @@ def _check_destination(src: Location, dst: Location, work: PartWork, overwrite: 
 # ----- torchrun: a gloo process group ----------------------------------------------------------
 
 
-def _group_timeout_s() -> int:
-    raw = os.environ.get("ZERO_CKPT_PART_TIMEOUT_S", "")
-    try:
-        return int(raw) if raw.strip() else _GROUP_TIMEOUT_S
-    except ValueError:
-        raise ValueError(f"ZERO_CKPT_PART_TIMEOUT_S={raw!r} must be an integer (seconds)") from None
-
-
 class _Group:
     """The job's gloo process group (created here, or a gloo group beside an existing one)."""
 
@@ -694,7 +684,7 @@ class _Group:
             return None
         if not dist.is_available():
             return None
-        timeout = timedelta(seconds=_group_timeout_s())
+        timeout = timedelta(seconds=knobs.part_timeout_s())
         if dist.is_initialized():
             if (dist.get_rank(), dist.get_world_size()) != (spec.index, spec.parts):
                 raise ValueError(
