@@ -70,7 +70,7 @@ from zero_ckpt.errors import (
 from zero_ckpt.manifest import FileMeta, Manifest
 from zero_ckpt.plan import FilePlan
 from zero_ckpt.safetensors_format import SafetensorsHeader
-from zero_ckpt.storage import Location, open_location
+from zero_ckpt.storage import Location, check_distinct, open_location
 from zero_ckpt.transfer import (
     ProgressFn,
     ProgressTracker,
@@ -615,22 +615,9 @@ def _foreign_error(dst: Location, job: PartJob, foreign: list[str]) -> Destinati
     )
 
 
-def _refuse_overlap(src: Location, dst: Location) -> None:
-    # Same rule as storage.prepare_destination, which parts cannot call on a destination
-    # that other parts are already filling.
-    if type(src.fs) is type(dst.fs):
-        s, d = src.canonical_root(), dst.canonical_root()
-        if s == d or s.startswith(d.rstrip("/") + "/") or d.startswith(s.rstrip("/") + "/"):
-            raise DestinationExistsError(
-                f"destination {dst.url} is the source, inside it or contains it; choose a "
-                "destination outside the source checkpoint",
-                path=dst.url,
-            )
-
-
 def _check_destination(src: Location, dst: Location, work: PartWork, overwrite: bool) -> None:
     job = work.job
-    _refuse_overlap(src, dst)
+    check_distinct(src, dst)  # parts cannot use prepare_destination: others may be writing
     files = dst.list_files()
     outputs = {f.path for f in work.files} | set(work.commit_outputs)
     ours = [rel for rel in files if _job_dir_of(rel) == job.id]

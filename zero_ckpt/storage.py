@@ -45,7 +45,7 @@ from zero_ckpt.errors import (
 )
 from zero_ckpt.retry import GaveUp, RetryPolicy
 
-__all__ = ["Location", "open_location", "FileWriter", "prepare_destination"]
+__all__ = ["Location", "open_location", "FileWriter", "prepare_destination", "check_distinct"]
 
 
 def open_location(url: str, storage_options: dict[str, Any] | None = None) -> "Location":
@@ -319,14 +319,10 @@ class Location:
         return StorageError(f"cannot {action} {url}: {exc}", path=url)
 
 
-def prepare_destination(src: Location | None, dst: Location, overwrite: bool) -> None:
-    """Make ``dst`` ready for a new checkpoint or output set.
-
-    Refuses a destination that is the source or contains it, and a non-empty one unless
-    ``overwrite``; with ``overwrite`` the old ``manifest.json`` goes first, so a crash
-    midway leaves something recognisably incomplete rather than a stale "complete" one.
-    """
-    if src is not None and type(src.fs) is type(dst.fs):
+def check_distinct(src: Location, dst: Location) -> None:
+    """Refuse a destination that is the source, lies inside it or contains it (however
+    spelled: symlinks and ``..`` resolved), since writing there could destroy the source."""
+    if type(src.fs) is type(dst.fs):
         s, d = src.canonical_root(), dst.canonical_root()
         if s == d or s.startswith(d.rstrip("/") + "/") or d.startswith(s.rstrip("/") + "/"):
             raise DestinationExistsError(
@@ -334,6 +330,17 @@ def prepare_destination(src: Location | None, dst: Location, overwrite: bool) ->
                 "destination outside the source checkpoint",
                 path=dst.url,
             )
+
+
+def prepare_destination(src: Location | None, dst: Location, overwrite: bool) -> None:
+    """Make ``dst`` ready for a new checkpoint or output set.
+
+    Refuses a destination that is the source or contains it, and a non-empty one unless
+    ``overwrite``; with ``overwrite`` the old ``manifest.json`` goes first, so a crash
+    midway leaves something recognisably incomplete rather than a stale "complete" one.
+    """
+    if src is not None:
+        check_distinct(src, dst)
     if dst.list_files():
         if not overwrite:
             raise DestinationExistsError(
