@@ -27,7 +27,31 @@ __all__ = [
     "GroupLayout",
     "compute_partition_numel",
     "overlap",
+    "MAX_WORLD_SIZE",
+    "check_world_size",
 ]
+
+# The largest data-parallel size a layout (and format v1) is cut for: 2**16 = 65,536.
+# Derivation: a shard is named ``rank-RRRRR-of-WWWWW`` with five decimal digits (at most
+# 99,999 ranks), and a plan holds one file (header + ops) per rank, so the bound must keep
+# planning linear work small; 2**16 is the largest power of two the names hold. Every entry
+# point (planning, the CLI's --to/--from, reshard/convert/load) checks a world size against
+# it before allocating anything per rank.
+MAX_WORLD_SIZE = 1 << 16
+
+
+def check_world_size(world_size: object, what: str = "world_size") -> int:
+    """``world_size`` as an int in ``[1, MAX_WORLD_SIZE]``; ValueError naming it otherwise."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int):
+        raise ValueError(f"{what} must be an integer, got {world_size!r}")
+    if world_size < 1:
+        raise ValueError(f"{what} must be >= 1, got {world_size}")
+    if world_size > MAX_WORLD_SIZE:
+        raise ValueError(
+            f"{what} is {world_size}, above the most ranks a layout is cut for ({MAX_WORLD_SIZE}); "
+            f"use a world size between 1 and {MAX_WORLD_SIZE}"
+        )
+    return world_size
 
 
 def compute_partition_numel(numel: int, world_size: int, align: int) -> int:
@@ -37,8 +61,7 @@ def compute_partition_numel(numel: int, world_size: int, align: int) -> int:
     """
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    check_world_size(world_size)
     if align < 1:
         raise ValueError(f"align must be >= 1, got {align}")
     return -(-numel // (world_size * align)) * align  # integer ceil: exact for any size
