@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from zero_core.layout import GroupLayout, ParamSpec, compute_partition_numel
-from zero_ckpt.checksum import parse_checksum
-from zero_ckpt.errors import ManifestError, Problem, raise_problems
+from zero_core.layout import MAX_WORLD_SIZE, GroupLayout, ParamSpec, check_world_size, compute_partition_numel
+from zero_ckpt.checksum import crc32c, format_checksum, parse_checksum
+from zero_ckpt.errors import LayoutMismatchError, ManifestError, Problem, raise_problems
 from zero_ckpt.safetensors_format import DTYPE_SIZES
 
 __all__ = [
@@ -30,6 +31,11 @@ __all__ = [
     "shard_path",
     "tensor_name",
     "check_manifest",
+    "check_target_world_size",
+    "manifest_bytes",
+    "MAX_MANIFEST_BYTES",
+    "MAX_JSON_DEPTH",
+    "CHECKSUM_FIELD",
 ]
 
 FORMAT_NAME = "zero-ckpt"
@@ -38,6 +44,40 @@ MANIFEST_NAME = "manifest.json"
 MODEL_FILE_NAME = "model.safetensors"
 MASTER_KEY = "master"
 _FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
+
+# Caps checked before memory is spent on an untrusted manifest: its size (a manifest of 1e6
+# params with long names is tens of MB) and the nesting of its JSON (format v1 needs 6 levels;
+# user ``extra`` gets the rest).
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_JSON_DEPTH = 64
+
+# The manifest's own checksum. ``to_json`` ends the document with this field, written exactly
+# as ``,\n "manifest_checksum": "crc32c:<8 hex>"\n}\n``; its value is the CRC32C of every byte
+# before that suffix. So every byte of the file is covered: the prefix by the CRC (which
+# catches every burst of up to 32 flipped bits), the suffix by an exact match. Manifests
+# written before the field existed have no suffix and are read as before.
+CHECKSUM_FIELD = "manifest_checksum"
+_CHECKSUM_SUFFIX = re.compile(rb',\n "manifest_checksum": "crc32c:([0-9a-f]{8})"\n\}\n\Z')
+_CHECKSUM_KEY = b'"manifest_checksum"'
+# C0 controls, DEL and C1 controls: never in a name (an ESC sequence in a name printed by
+# ``inspect`` would drive the user's terminal).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_IN_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def check_target_world_size(world_size: object, what: str = "target world size") -> int:
+    """``world_size`` if it is an int in ``[1, MAX_WORLD_SIZE]``, else LayoutMismatchError
+    naming it (call before allocating anything per rank)."""
+    try:
+        return check_world_size(world_size, what)
+    except ValueError as exc:
+        raise LayoutMismatchError(str(exc), actual=world_size) from None
+
+
+def manifest_bytes(manifest: "Manifest") -> bytes:
+    """The bytes of ``manifest.json`` for ``manifest``, ending in its own checksum: what every
+    writer of a manifest stores (``Manifest.to_json().encode()`` is the same)."""
+    return manifest.to_json().encode()
 
 
 def shard_path(rank: int, world_size: int) -> str:
@@ -93,6 +133,7 @@ class GroupMeta:
         cache = self.__dict__.setdefault("_layout_cache", {})
         layout = cache.get(world_size)
         if layout is None:
+            check_target_world_size(world_size, "world size")
             specs = [ParamSpec(p.name, tuple(p.shape), p.dtype, p.offset) for p in self.params]
             layout = GroupLayout.from_specs(specs, world_size=world_size, align=self.align)
             cache[world_size] = layout
@@ -191,19 +232,47 @@ class Manifest:
             "model_file": _file_to_dict(self.model_file) if self.model_file else None,
             "extra": self.extra,
         }
-        return json.dumps(doc, indent=1, allow_nan=False) + "\n"
+        body = json.dumps(doc, indent=1, allow_nan=False)
+        # The document's last line is its own checksum (see CHECKSUM_FIELD).
+        assert body.endswith("\n}")
+        prefix = body[:-2]
+        crc = crc32c(prefix.encode())
+        return f'{prefix},\n "{CHECKSUM_FIELD}": "{format_checksum(crc)}"\n}}\n'
 
     @classmethod
     def from_json(cls, text: str | bytes, path: str = MANIFEST_NAME) -> "Manifest":
-        """Decode strictly: unknown format, major version or field -> ManifestError naming it."""
-        try:
-            doc = json.loads(text, parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError) as exc:
+        """Decode strictly: unknown format, major version or field -> ManifestError naming it.
+
+        Refused before anything else: more than MAX_MANIFEST_BYTES, a ``manifest_checksum``
+        that does not match the bytes, nesting deeper than MAX_JSON_DEPTH, non-finite
+        numbers, control characters in names (C0, DEL, C1; tabs and newlines are allowed
+        only in string values under ``extra``)."""
+        data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+        if len(data) > MAX_MANIFEST_BYTES:
             raise ManifestError(
-                f"{path}: not valid JSON ({exc}); the manifest is damaged", path=path
+                f"{path}: is {len(data)} bytes, more than a manifest can be "
+                f"({MAX_MANIFEST_BYTES}); it is damaged or not a zero-ckpt manifest",
+                path=path,
+            )
+        checked = _verify_checksum(data, path)
+        _check_depth(data, path)
+        try:
+            doc = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ManifestError(
+                f"{path}: not valid JSON ({str(exc)[:200]}); the manifest is damaged", path=path
             ) from None
         if not isinstance(doc, dict):
             raise ManifestError(f"{path}: expected a JSON object", path=path)
+        if checked:
+            doc.pop(CHECKSUM_FIELD, None)
+        elif CHECKSUM_FIELD in doc:
+            raise ManifestError(
+                f"{path}: {CHECKSUM_FIELD} is not the document's last line as zero-ckpt writes "
+                "it; the manifest was edited or is damaged",
+                path=path,
+            )
+        _check_strings(doc, path)
         if doc.get("format") != FORMAT_NAME:
             raise ManifestError(
                 f"{path}: format is {doc.get('format')!r}, not {FORMAT_NAME!r}; this is not a "
@@ -249,7 +318,7 @@ class Manifest:
 
 _MANIFEST_KEYS = {
     "format", "version", "created_by", "world_size", "zero_stage", "master_dtype",
-    "groups", "shards", "model_file", "extra",
+    "groups", "shards", "model_file", "extra", CHECKSUM_FIELD,
 }
 _GROUP_KEYS = {
     "numel", "partition_numel", "align", "params", "state_keys", "hyperparams", "scalars",
@@ -261,6 +330,86 @@ _FILE_KEYS = {"path", "bytes", "checksum", "rank", "tensors"}
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed in a manifest")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as inf
+        raise ValueError(f"number {text[:40]} is not finite; a manifest holds finite numbers only")
+    return value
+
+
+def _verify_checksum(data: bytes, path: str) -> bool:
+    """Whether ``data`` carries its own checksum (verified: ManifestError on a mismatch)."""
+    m = _CHECKSUM_SUFFIX.search(data)
+    if m is None:
+        if _CHECKSUM_KEY in data[-256:]:
+            raise ManifestError(
+                f"{path}: its {CHECKSUM_FIELD} line is damaged; the manifest cannot be trusted "
+                "(restore it from a good copy)",
+                path=path,
+            )
+        return False
+    actual = crc32c(data[: m.start()])
+    if actual != int(m.group(1), 16):
+        raise ManifestError(
+            f"{path}: checksum mismatch (the content hashes to {format_checksum(actual)}, the "
+            f"manifest records crc32c:{m.group(1).decode()}); the manifest is damaged: restore it "
+            "from a good copy",
+            path=path,
+            expected=f"crc32c:{m.group(1).decode()}",
+            actual=format_checksum(actual),
+        )
+    return True
+
+
+_BRACKETS = re.compile(rb'[\[\]{}]|"(?:[^"\\]|\\.)*"')
+
+
+def _check_depth(data: bytes, path: str) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH before the parser recurses into it."""
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return
+    depth = 0
+    for m in _BRACKETS.finditer(data):
+        c = m.group()[:1]
+        if c in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ManifestError(
+                    f"{path}: JSON nested more than {MAX_JSON_DEPTH} levels deep; the manifest "
+                    "is damaged or not from zero-ckpt",
+                    path=path,
+                )
+        elif c in (b"]", b"}"):
+            depth -= 1
+
+
+def _check_strings(doc: Any, path: str) -> None:
+    """Refuse control characters in every key and name (iteratively: no recursion)."""
+    stack: list[tuple[Any, str, bool]] = [(doc, "manifest", False)]
+    while stack:
+        node, where, text_ok = stack.pop()
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if _CONTROL.search(k):
+                    raise _control_error(path, where, k)
+                child_text_ok = text_ok or (where == "manifest" and k == "extra")
+                stack.append((v, f"{where}.{k}" if len(where) < 200 else where, child_text_ok))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                stack.append((v, f"{where}[{i}]" if len(where) < 200 else where, text_ok))
+        elif isinstance(node, str):
+            if (_CONTROL_IN_TEXT if text_ok else _CONTROL).search(node):
+                raise _control_error(path, where, node)
+
+
+def _control_error(path: str, where: str, value: str) -> ManifestError:
+    return ManifestError(
+        f"{path}: {where} holds a control character ({ascii(value)[:80]}); names and values in "
+        "a manifest must be printable text: the manifest is damaged or hostile",
+        path=path,
+    )
 
 
 def _reject_unknown(doc: dict, allowed: set[str], path: str, where: str) -> None:
@@ -417,6 +566,8 @@ def check_manifest(m: Manifest, path: str = MANIFEST_NAME) -> list[Problem]:
 
     if m.world_size < 1:
         bad(f"world_size is {m.world_size}; it must be at least 1")
+    if m.world_size > MAX_WORLD_SIZE:
+        bad(f"world_size is {m.world_size}, above the most ranks a layout is cut for ({MAX_WORLD_SIZE})")
     if m.zero_stage not in (0, 1, 2):
         bad(f"zero_stage is {m.zero_stage}; format v1 holds ZeRO stage 0, 1 or 2 checkpoints")
     if m.master_dtype not in _FLOAT_DTYPES:
@@ -447,7 +598,7 @@ def check_manifest(m: Manifest, path: str = MANIFEST_NAME) -> list[Problem]:
             cursor = p.offset + max(p.numel, 0)
         if g.numel != cursor:
             bad(f"{where}.numel is {g.numel} but its params add up to {cursor} elements")
-        if m.world_size >= 1:
+        if 1 <= m.world_size <= MAX_WORLD_SIZE:
             expected_pn = compute_partition_numel(max(g.numel, 0), m.world_size, g.align)
             if g.partition_numel != expected_pn:
                 bad(
