@@ -367,7 +367,7 @@ def fp16_scaler_averager(rank: int, ws: int, root: str) -> None:
         model = Net(torch.float16)
         opt = ZeroOptimizer(
             groups_of(model), torch.optim.Adam, stage=2, align=4, loss_scale="dynamic",
-            loss_scale_options={"init_scale": 1024.0, "growth_interval": 3},
+            loss_scale_options={"init_scale": 1024.0, "scale_window": 3, "hysteresis": 1},
         )
         return model, opt, PeriodicModelAverager(period=2, warmup_steps=1)
 
@@ -385,7 +385,7 @@ def fp16_scaler_averager(rank: int, ws: int, root: str) -> None:
     for s in range(4):
         step(model, opt, avg, s, inject=(s == 2 and rank == 1))
     scaler = opt.loss_scaler_state()
-    assert scaler["scale"] == 512.0 and scaler["overflows"] == 1 and scaler["growth_tracker"] == 1
+    assert scaler["scale"] == 512.0 and scaler["overflows"] == 1 and scaler["last_overflow_iter"] == 2
     assert avg.step == 4 and opt.group_scalars(0) == {"step": 3}
     opt.param_groups[0]["lr"] = 5e-3
     ckpt = f"{root}/fp16"
@@ -407,7 +407,7 @@ def fp16_scaler_averager(rank: int, ws: int, root: str) -> None:
         step(model2, opt2, avg2, s, inject=False)
         assert_same_params(model2, model)
     assert opt2.loss_scaler_state() == opt.loss_scaler_state()
-    assert opt2.loss_scale == 1024.0  # grew after 3 good steps, as the original did
+    assert opt2.loss_scale == 1024.0  # grew at iteration 6 (DeepSpeed's window), as the original
     assert avg2.step == avg.step == 8
 
 

@@ -399,7 +399,8 @@ def mixed_precision_worker(rank: int, world_size: int) -> None:
         model = Net(torch.float16)
         opt = ZeroOptimizer(
             model.named_parameters(), torch.optim.Adam, stage=stage, lr=1e-2,
-            loss_scale="dynamic", loss_scale_options={"init_scale": 1024.0, "growth_interval": 2},
+            loss_scale="dynamic",
+            loss_scale_options={"init_scale": 1024.0, "scale_window": 2, "hysteresis": 1},
         )
         x, t = batch(1, 0)
 
@@ -426,8 +427,10 @@ def mixed_precision_worker(rank: int, world_size: int) -> None:
             assert torch.equal(p.detach(), b)
         one_step(False)
         one_step(False)
-        assert not opt.last_step_skipped and opt.loss_scale == 1024.0  # grew after 2 good steps
-        assert opt.group_scalars(0)["step"] == 3
+        assert opt.loss_scale == 512.0  # DeepSpeed's rule: stable = iter - last_overflow - 1
+        one_step(False)
+        assert not opt.last_step_skipped and opt.loss_scale == 1024.0  # stable reached 2
+        assert opt.group_scalars(0)["step"] == 4
         state = opt.state_dict()["loss_scaler"]
         assert state["scale"] == 1024.0 and state["overflows"] == 1
         assert opt.loss_scaler_state() == state

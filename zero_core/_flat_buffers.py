@@ -71,10 +71,30 @@ class FlatGroup:
         """Real (non-padding) elements at the head of this rank's partition."""
         return self.layout.real_numel(self.rank)
 
-    def init_master(self) -> None:
-        """(Re)create the master partition from the model flat buffer (padding zero)."""
+    @property
+    def master_is_model(self) -> bool:
+        """True when the master partition is the model's own flat slice (no copy)."""
+        own = self.own_flat_slice()
+        return self.master_data.numel() > 0 and self.master_data.data_ptr() == own.data_ptr()
+
+    def init_master(self, *, copy: bool = True, device: torch.device | None = None) -> None:
+        """(Re)create the master partition from the model flat buffer (padding zero).
+
+        ``copy=False`` (fp32 models only): the master *is* this rank's slice of the model flat
+        buffer, so the wrapped optimizer updates the model in place and no second fp32 copy
+        exists; exact, since an fp32 master would hold the same bits. ``device``: where the
+        master lives (``cpu`` for offload; pinned when CUDA is available so that copies to and
+        from the GPU are asynchronous).
+        """
         with torch.no_grad():
-            data = self.own_flat_slice().to(MASTER_DTYPE, copy=True)
+            own = self.own_flat_slice()
+            if not copy:
+                data = own
+            else:
+                target = device or own.device
+                pin = target.type == "cpu" and own.device.type == "cuda"
+                data = torch.empty(own.numel(), dtype=MASTER_DTYPE, device=target, pin_memory=pin)
+                data.copy_(own)
             data[self.real_partition_numel():].zero_()
         self.master = torch.nn.Parameter(data, requires_grad=True)
 

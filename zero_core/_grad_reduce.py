@@ -1,26 +1,44 @@
 """Gradient reduction into fp32 partition gradients, and the thin collective layer.
 
-Buckets are contiguous flat ranges of whole params (in flat order, about ``bucket_numel``
-elements each; a larger param gets a bucket of its own). A bucket's gradients are copied into
-one buffer in the reduce dtype, then
+Gradients leave ``param.grad`` as soon as autograd has accumulated them (the optimizer's
+post-accumulate hooks call :meth:`GradReducer.add_param_grad`, which copies the gradient,
+pre-divided and in the communication dtype, into a reduction buffer and drops ``param.grad``):
 
-* stage 1: all-reduced (every rank gets the whole bucket, keeps the part in its partition);
-* stage 2: for each rank whose partition the bucket touches, that piece is ``reduce``-d to the
-  owner only (DeepSpeed's scheme; a reduce-scatter of uneven pieces), so a rank never holds
-  more than its own partition's gradient plus a few buckets in flight.
+* **stage 1** copies into one flat gradient buffer per group (``world_size * partition_numel``
+  elements: the only full-size gradient the optimizer keeps) and, at the end of each backward
+  outside ``no_sync``, reduce-scatters it with one ``reduce_scatter_tensor`` per group (the
+  layout's equal partitions are exactly what it wants), half the bytes of an all-reduce;
+* **stage 2** copies into *buckets*: contiguous flat ranges of at most ``bucket_numel``
+  elements (a large param is split over several), backed by a small fixed pool of buffers
+  (``max_in_flight + 1``). A bucket is reduced as soon as its last gradient arrives, async,
+  from inside backward, so communication overlaps the rest of backward; its buffer goes back to
+  the pool when the reduction completes. A bucket is a contiguous range, so its pieces belong
+  to one or two owners of unequal size: each piece is ``reduce``-d to its owner (DeepSpeed's
+  scheme; a ``reduce_scatter_tensor`` needs equal pieces for every rank, which a range that
+  small cannot give without sending ``world_size`` times the bytes, and a bucket cut as equal
+  slices of every partition would only complete when rank 0's gradients arrive, at the very
+  end of backward, holding the whole model's gradient in buffers meanwhile). When one bucket
+  covers the whole group the pieces are equal and ``reduce_scatter_tensor`` is used.
 
-The owner adds ``piece / world_size`` (in fp32) into its partition gradient, so the result is
-the average over ranks, like DDP; several backward passes accumulate (sum) as in torch.
+On CUDA the reductions run on a dedicated stream: the stream waits for the buffer's fill
+(``wait_stream``), the pieces are added into the partition gradient on that stream, and a
+buffer is reused only after an event recorded there; the compute stream waits for the
+communication stream before the optimizer reads the gradients. Nothing synchronises the host.
+On gloo the async work handles are used the same way (``wait`` blocks only when a buffer or the
+result is needed).
 
-Every rank must reduce the same buckets in the same order: the same params must receive
-gradients on every rank (as with DDP without ``find_unused_parameters``). Private to
-``zero_core``.
+The owner adds ``piece * postscale`` (``predivide / world_size``) in fp32 into its partition
+gradient, so the result is the average over ranks, like DDP; several backward passes before a
+step accumulate (sum) as in torch. Every rank must produce gradients for the same params in the
+same order (DDP's rule without ``find_unused_parameters``): the collectives are issued in the
+order the buckets complete. Private to ``zero_core``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -36,6 +54,9 @@ __all__: list[str] = []
 
 class _DoneWork:
     def wait(self) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
         return True
 
 
@@ -88,17 +109,27 @@ class Comm:
         work = dist.reduce(t, dst=self.global_rank(dst), group=self.group, async_op=async_op)
         return work if async_op else _DoneWork()
 
+    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False) -> Any:
+        """``out`` (n elements) <- sum over ranks of ``inp[rank * n : (rank + 1) * n]``."""
+        if self.trivial:
+            out.copy_(inp)
+            return _DoneWork()
+        work = dist.reduce_scatter_tensor(out, inp, group=self.group, async_op=async_op)
+        return work if async_op else _DoneWork()
+
     def broadcast(self, t: torch.Tensor, src: int) -> None:
         if not self.trivial:
             dist.broadcast(t, src=self.global_rank(src), group=self.group)
 
     def all_gather_into(self, out: torch.Tensor, inp: torch.Tensor) -> None:
-        """``out`` (world_size * n elements) <- every rank's ``inp`` (n elements), rank order."""
+        """``out`` (world_size * n elements) <- every rank's ``inp`` (n elements), rank order.
+
+        ``inp`` may be this rank's own slice of ``out`` (in place, no copy)."""
         if self.trivial:
-            out.copy_(inp)
+            if inp.data_ptr() != out.data_ptr():
+                out.copy_(inp)
             return
-        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        fn(out, inp, group=self.group)
+        dist.all_gather_into_tensor(out, inp, group=self.group)
 
     def gather(self, t: torch.Tensor, dst: int) -> list[torch.Tensor] | None:
         """Every rank's ``t`` (same shape everywhere) on ``dst``; None elsewhere."""
@@ -115,73 +146,138 @@ class Comm:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def any_true(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank if ``flag`` is true on any rank."""
-        if self.trivial:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item() > 0)
+
+# ----- bucket plan (pure) -----------------------------------------------------------------
 
 
-# ----- buckets ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BucketPlan:
+    """Flat range ``[start, end)`` of one group, reduced as one unit.
 
-
-@dataclass
-class Bucket:
-    """Flat range ``[start, end)`` of whole params ``first .. last`` (indices in the group).
-
-    ``pieces``: ``(rank, lo, hi)`` for each rank whose partition overlaps the range.
+    ``slices``: ``(param_index, param_lo, param_hi)``: the elements of each param inside the
+    bucket (a param larger than a bucket is split over several). ``pieces``: ``(rank, lo, hi)``
+    in flat coordinates for each rank whose partition overlaps the range.
     """
 
     start: int
     end: int
-    param_indices: list[int]
-    pieces: list[tuple[int, int, int]]
-    buffer: torch.Tensor | None = None
-    arrived: set[int] = field(default_factory=set)
-    # Kept across steps: allocating (and first-touching) a fresh bucket every step cost about
-    # a quarter of a 50M-param step on CPU.
-    storage: torch.Tensor | None = None
-    in_flight: bool = False
+    slices: tuple[tuple[int, int, int], ...]
+    pieces: tuple[tuple[int, int, int], ...]
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
 
 
-def build_buckets(layout: GroupLayout, bucket_numel: int) -> list[Bucket]:
-    """Cut the group's params, in flat order, into buckets of about ``bucket_numel`` elements."""
-    buckets: list[Bucket] = []
-    current: list[int] = []
+def plan_buckets(layout: GroupLayout, bucket_numel: int) -> list[BucketPlan]:
+    """Cut the group's real elements ``[0, numel)`` into buckets of at most ``bucket_numel``.
+
+    Cuts fall on param boundaries where a param fits, so a small param is never split; a param
+    larger than ``bucket_numel`` is cut into ``bucket_numel`` pieces. Pure (no torch).
+    """
+    cuts = [0]
     size = 0
-    for i, spec in enumerate(layout.params):
-        if current and size + spec.numel > bucket_numel:
-            buckets.append(_make_bucket(layout, current))
-            current, size = [], 0
-        current.append(i)
-        size += spec.numel
-    if current:
-        buckets.append(_make_bucket(layout, current))
-    return buckets
+    for spec in layout.params:
+        n = spec.numel
+        if n == 0:
+            continue
+        if size and size + n > bucket_numel:
+            cuts.append(spec.offset)
+            size = 0
+        if n > bucket_numel:
+            start = spec.offset
+            while spec.end - start > bucket_numel:
+                start += bucket_numel
+                cuts.append(start)
+            size = spec.end - start
+        else:
+            size += n
+    if layout.numel > cuts[-1]:
+        cuts.append(layout.numel)
+    out = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        slices = []
+        for i, spec in enumerate(layout.params):
+            hit = overlap(spec.offset, spec.end, lo, hi)
+            if hit is not None:
+                slices.append((i, hit[0] - spec.offset, hit[1] - spec.offset))
+        out.append(BucketPlan(lo, hi, tuple(slices), tuple(layout.locate(lo, hi))))
+    return out
 
 
-def _make_bucket(layout: GroupLayout, indices: list[int]) -> Bucket:
-    start, end = layout.params[indices[0]].offset, layout.params[indices[-1]].end
-    pieces = []
-    for r in range(layout.world_size):
-        hit = overlap(start, end, *layout.rank_range(r))
-        if hit is not None:
-            pieces.append((r, hit[0], hit[1]))
-    return Bucket(start, end, list(indices), pieces)
+# ----- buffers ----------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
+class _Buffer:
+    tensor: torch.Tensor
+    ready: Any = None  # CUDA event recorded when the reduction that used it finished
+
+
+class BufferPool:
+    """A fixed set of bucket buffers of one dtype/device, ``size`` of them.
+
+    ``acquire`` takes a free buffer; when none is free it asks ``make_room`` to complete the
+    oldest reduction in flight (which returns its buffer). If nothing is in flight (buckets
+    completing out of order hold them all) the pool grows by one and ``grown`` counts it.
+    """
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, size: int) -> None:
+        self.numel, self.dtype, self.device, self.size = numel, dtype, device, size
+        self.free: list[_Buffer] = []
+        self.allocated: list[_Buffer] = []
+        self.grown = 0
+
+    def acquire(self, make_room: Callable[[], bool]) -> _Buffer:
+        while not self.free:
+            if len(self.allocated) < self.size:
+                buf = _Buffer(torch.empty(self.numel, dtype=self.dtype, device=self.device))
+                self.allocated.append(buf)
+                return buf
+            if not make_room():
+                self.size += 1
+                self.grown += 1
+        buf = self.free.pop()
+        if buf.ready is not None:  # CUDA: the compute stream waits for the old reduction
+            torch.cuda.current_stream(self.device).wait_event(buf.ready)
+            buf.ready = None
+        if buf.tensor.numel() < self.numel:  # a group with larger buckets was added
+            self.allocated.remove(buf)
+            buf = _Buffer(torch.empty(self.numel, dtype=self.dtype, device=self.device))
+            self.allocated.append(buf)
+        return buf
+
+    def release(self, buf: _Buffer) -> None:
+        self.free.append(buf)
+
+    def nbytes(self) -> int:
+        return sum(b.tensor.numel() * b.tensor.element_size() for b in self.allocated)
+
+
+@dataclass(eq=False)
+class _OpenBucket:
+    group: int
+    index: int
+    buffer: _Buffer
+    arrived: set[int] = field(default_factory=set)
+
+
+@dataclass(eq=False)
 class _InFlight:
     group: int
-    bucket: Bucket
-    buffer: torch.Tensor
+    plan: BucketPlan | None  # None: stage 1's whole-group reduce-scatter
+    buffer: _Buffer | None
+    out: torch.Tensor | None  # stage 1: the reduce-scatter output (partition_numel)
     works: list[Any]
 
 
 class GradReducer:
-    """Turns model-param gradients into averaged fp32 partition gradients (one per group)."""
+    """Turns model-param gradients into averaged fp32 partition gradients (one per group).
+
+    ``comm_dtype``: the dtype gradients travel in (None: each group's model dtype).
+    ``predivide``: gradients are divided by it before the reduction and by
+    ``world_size / predivide`` after (DeepSpeed's ``gradient_predivide_factor``).
+    """
 
     def __init__(
         self,
@@ -189,166 +285,320 @@ class GradReducer:
         *,
         stage: int,
         bucket_numel: int,
-        reduce_dtype: torch.dtype | None,
+        comm_dtype: torch.dtype | None,
+        predivide: float = 1.0,
         max_in_flight: int = 2,
     ) -> None:
         self.comm = comm
         self.stage = stage
         self.bucket_numel = bucket_numel
-        self.reduce_dtype = reduce_dtype
+        self.comm_dtype = comm_dtype
+        self.predivide = float(predivide)
         self.max_in_flight = max(1, max_in_flight)
         self.groups: list[FlatGroup] = []
-        self.buckets: list[list[Bucket]] = []
-        self.bucket_of: list[list[int]] = []
+        self.plans: list[list[BucketPlan]] = []
+        self.buckets_of_param: list[list[list[int]]] = []
         self.part_grads: list[torch.Tensor | None] = []
         self._part_stale: list[bool] = []
         self.has_grad: list[bool] = []
+        #: per group, per trainable param: did a gradient arrive since the last step/zero_grad
+        self.got_grad: list[list[bool]] = []
+        self._flat_grads: list[torch.Tensor | None] = []  # stage 1
+        self._flat_dirty: list[bool] = []
+        self._window: list[list[bool]] = []  # stage 1: arrived since the last reduce-scatter
+        self._scratch: dict[int, torch.Tensor] = {}  # per group: reduce-scatter output
+        self._pools: dict[tuple[torch.dtype, torch.device], BufferPool] = {}
+        self._open: dict[tuple[int, int], _OpenBucket] = {}
         self._in_flight: list[_InFlight] = []
+        self._streams: dict[torch.device, Any] = {}
+        #: called as ``fn(group, bucket_index, pending)`` at each stage-2 launch, ``pending``
+        #: being how many earlier reductions are not complete yet (tests, diagnostics).
+        self.launch_observers: list[Callable[[int, int, int], None]] = []
 
     def add_group(self, fg: FlatGroup) -> None:
-        buckets = build_buckets(fg.layout, self.bucket_numel)
-        owner = [0] * len(fg.layout.params)
-        for b, bucket in enumerate(buckets):
-            for i in bucket.param_indices:
-                owner[i] = b
+        plans = plan_buckets(fg.layout, self.bucket_numel)
+        of_param: list[list[int]] = [[] for _ in fg.layout.params]
+        for b, plan in enumerate(plans):
+            for i, _, _ in plan.slices:
+                of_param[i].append(b)
         self.groups.append(fg)
-        self.buckets.append(buckets)
-        self.bucket_of.append(owner)
+        self.plans.append(plans)
+        self.buckets_of_param.append(of_param)
         self.part_grads.append(None)
         self._part_stale.append(False)
         self.has_grad.append(False)
+        self.got_grad.append([False] * len(fg.layout.params))
+        self._flat_grads.append(None)
+        self._flat_dirty.append(False)
+        self._window.append([False] * len(fg.layout.params))
+        for pool in self._pools.values():
+            pool.numel = max(pool.numel, max((p.numel for p in plans), default=0))
+
+    # ----- helpers ------------------------------------------------------------------------
+
+    def dtype_of(self, g: int) -> torch.dtype:
+        return self.comm_dtype or self.groups[g].model_dtype
+
+    @property
+    def postscale(self) -> float:
+        return self.predivide / self.comm.world_size
+
+    def _stream(self, device: torch.device) -> Any:
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device=device)
+        return self._streams[device]
+
+    @contextlib.contextmanager
+    def _on_comm_stream(self, device: torch.device):
+        stream = self._stream(device)
+        if stream is None:
+            yield None
+            return
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            yield stream
+
+    def _pool(self, g: int) -> BufferPool:
+        key = (self.dtype_of(g), self.groups[g].device)
+        if key not in self._pools:
+            largest = max((p.numel for plans in self.plans for p in plans), default=0)
+            self._pools[key] = BufferPool(
+                min(self.bucket_numel, largest), key[0], key[1], self.max_in_flight + 1
+            )
+        return self._pools[key]
+
+    def _copy_in(self, dst: torch.Tensor, src: torch.Tensor, accumulate: bool) -> None:
+        if accumulate:
+            if self.predivide != 1.0:
+                dst.add_(src, alpha=1.0 / self.predivide)
+            else:
+                dst.add_(src)
+        else:
+            dst.copy_(src)
+            if self.predivide != 1.0:
+                dst.mul_(1.0 / self.predivide)
+
+    def start_grad(self, g: int) -> torch.Tensor:
+        """Group ``g``'s partition gradient, zeroed first if the last step consumed it (for
+        gradients set by hand)."""
+        self.wait_all()
+        return self._ensure_part_grad(g)
+
+    def _ensure_part_grad(self, g: int) -> torch.Tensor:
+        part = self.part_grads[g]
+        if part is None:
+            fg = self.groups[g]
+            part = torch.zeros(fg.layout.partition_numel, dtype=MASTER_DTYPE, device=fg.device)
+            self.part_grads[g] = part
+        elif self._part_stale[g]:  # consumed by a step or zero_grad: zero it in place
+            part.zero_()
+        self._part_stale[g] = False
+        self.has_grad[g] = True
+        return part
 
     # ----- filling ------------------------------------------------------------------------
 
-    def _dtype(self, g: int) -> torch.dtype:
-        return self.reduce_dtype or self.groups[g].model_dtype
-
     def add_param_grad(self, g: int, i: int, grad: torch.Tensor) -> None:
-        """Copy param ``i``'s gradient into its bucket; launch the bucket once complete."""
-        bucket = self._fill(g, i, grad)
-        if len(bucket.arrived) == len(bucket.param_indices):
-            self._launch(g, bucket)
+        """Take param ``i``'s gradient (the caller drops ``param.grad``).
 
-    def _fill(self, g: int, i: int, grad: torch.Tensor) -> Bucket:
+        Stage 1 adds it into the group's flat gradient buffer (reduced by :meth:`end_backward`);
+        stage 2 copies it into its buckets and launches each bucket whose last gradient this was.
+        """
         if grad.is_sparse:
             raise ValueError("ZeroOptimizer does not support sparse gradients")
-        bucket = self.buckets[g][self.bucket_of[g][i]]
-        spec = self.groups[g].layout.params[i]
-        if bucket.buffer is None:
-            bucket.buffer = self._storage(g, bucket)
-        dst = bucket.buffer[spec.offset - bucket.start : spec.end - bucket.start]
-        if i in bucket.arrived:
-            dst.add_(grad.reshape(-1))
-        else:
-            dst.copy_(grad.reshape(-1))
-            bucket.arrived.add(i)
-        return bucket
-
-    def _storage(self, g: int, bucket: Bucket) -> torch.Tensor:
-        """The bucket's persistent buffer, once its previous reduction has completed."""
-        while bucket.in_flight:
-            self._complete(self._in_flight.pop(0))
-        if bucket.storage is None:
-            bucket.storage = torch.empty(
-                bucket.end - bucket.start, dtype=self._dtype(g), device=self.groups[g].device
-            )
-        return bucket.storage
-
-    def _launch(self, g: int, bucket: Bucket) -> None:
-        buf = bucket.buffer
-        if buf is None:  # launched with no gradient at all: reduce zeros
-            buf = self._storage(g, bucket)
-            buf.zero_()
-        else:  # params whose gradient never came count as zero
-            for i in bucket.param_indices:
-                if i not in bucket.arrived:
-                    spec = self.groups[g].layout.params[i]
-                    buf[spec.offset - bucket.start : spec.end - bucket.start].zero_()
-        bucket.buffer, bucket.arrived = None, set()
-        bucket.in_flight = True
-        self._ensure_part_grad(g)
-        self.has_grad[g] = True
+        flat = grad.reshape(-1)
+        self.got_grad[g][i] = True
         if self.stage == 1:
-            works = [self.comm.all_reduce(buf, async_op=True)]
-        else:
-            works = [
-                self.comm.reduce(buf[lo - bucket.start : hi - bucket.start], dst=r, async_op=True)
-                for r, lo, hi in bucket.pieces
-            ]
-        self._in_flight.append(_InFlight(g, bucket, buf, works))
-        while len(self._in_flight) > self.max_in_flight:
-            self._complete(self._in_flight.pop(0))
+            buf = self._flat_grad(g)
+            spec = self.groups[g].layout.params[i]
+            self._copy_in(buf[spec.offset : spec.end], flat, accumulate=self._window[g][i])
+            self._window[g][i] = True
+            self._flat_dirty[g] = True
+            return
+        for b in self.buckets_of_param[g][i]:
+            plan = self.plans[g][b]
+            bucket = self._open.get((g, b))
+            if bucket is None:
+                pool = self._pool(g)
+                bucket = _OpenBucket(g, b, pool.acquire(self._complete_oldest))
+                self._open[(g, b)] = bucket
+            for j, lo, hi in plan.slices:
+                if j != i:
+                    continue
+                at = self.groups[g].layout.params[i].offset + lo - plan.start
+                dst = bucket.buffer.tensor[at : at + hi - lo]
+                self._copy_in(dst, flat[lo:hi], accumulate=i in bucket.arrived)
+            bucket.arrived.add(i)
+            if len(bucket.arrived) == len(plan.slices):
+                self._launch_bucket(bucket)
 
-    def _complete(self, item: _InFlight) -> None:
-        for w in item.works:
-            w.wait()
-        item.bucket.in_flight = False
-        rank = self.comm.rank
-        layout = self.groups[item.group].layout
-        base = layout.rank_range(rank)[0]
+    def _flat_grad(self, g: int) -> torch.Tensor:
+        buf = self._flat_grads[g]
+        if buf is None:
+            fg = self.groups[g]
+            # zeros: the padding tail is never written and must stay zero
+            buf = torch.zeros(fg.layout.padded_numel, dtype=self.dtype_of(g), device=fg.device)
+            self._flat_grads[g] = buf
+        return buf
+
+    def _launch_bucket(self, bucket: _OpenBucket) -> None:
+        g, b = bucket.group, bucket.index
+        del self._open[(g, b)]
+        plan = self.plans[g][b]
+        data = bucket.buffer.tensor[: plan.numel]
+        for j, lo, hi in plan.slices:  # params whose gradient never came count as zero
+            if j not in bucket.arrived:
+                at = self.groups[g].layout.params[j].offset + lo - plan.start
+                data[at : at + hi - lo].zero_()
+        self._ensure_part_grad(g)
+        pending = sum(not all(w.is_completed() for w in item.works) for item in self._in_flight)
+        with self._on_comm_stream(self.groups[g].device):
+            if len(plan.pieces) == self.comm.world_size and len({hi - lo for _, lo, hi in plan.pieces}) == 1:
+                # this rank's piece lands at its own place: buckets in flight never share it
+                _, lo, hi = plan.pieces[self.comm.rank]
+                base = self.groups[g].layout.rank_range(self.comm.rank)[0]
+                out = self._scratch_of(g)[lo - base : hi - base]
+                works = [self.comm.reduce_scatter(out, data, async_op=True)]
+                item = _InFlight(g, plan, bucket.buffer, out, works)
+            else:
+                works = [
+                    self.comm.reduce(data[lo - plan.start : hi - plan.start], dst=r, async_op=True)
+                    for r, lo, hi in plan.pieces
+                ]
+                item = _InFlight(g, plan, bucket.buffer, None, works)
+        self._in_flight.append(item)
+        for fn in self.launch_observers:
+            fn(g, b, pending)
+        while len(self._in_flight) > self.max_in_flight:
+            self._complete_oldest()
+
+    def _scratch_of(self, g: int) -> torch.Tensor:
+        """The group's reduce-scatter output (``partition_numel`` elements, comm dtype)."""
+        if g not in self._scratch:
+            fg = self.groups[g]
+            self._scratch[g] = torch.empty(
+                fg.layout.partition_numel, dtype=self.dtype_of(g), device=fg.device
+            )
+        return self._scratch[g]
+
+    def _launch_group(self, g: int) -> None:
+        """Stage 1: reduce-scatter the group's flat gradient buffer (async)."""
+        fg = self.groups[g]
+        buf = self._flat_grads[g]
+        self._flat_dirty[g] = False
+        if buf is None or fg.layout.partition_numel == 0:
+            return
+        window = self._window[g]
+        for i, got in enumerate(window):  # params without a gradient in this window: zero
+            if not got:
+                spec = fg.layout.params[i]
+                buf[spec.offset : spec.end].zero_()
+        self._window[g] = [False] * len(window)
+        self._ensure_part_grad(g)
+        out = self._scratch_of(g)
+        with self._on_comm_stream(fg.device):
+            works = [self.comm.reduce_scatter(out, buf, async_op=True)]
+        self._in_flight.append(_InFlight(g, None, None, out, works))
+
+    def _complete_oldest(self) -> bool:
+        if not self._in_flight:
+            return False
+        item = self._in_flight.pop(0)
+        fg = self.groups[item.group]
         part = self.part_grads[item.group]
         assert part is not None
-        s = item.bucket.start
-        for r, lo, hi in item.bucket.pieces:
-            if r == rank:
-                part[lo - base : hi - base].add_(
-                    item.buffer[lo - s : hi - s], alpha=1.0 / self.comm.world_size
-                )
-
-    def _ensure_part_grad(self, g: int) -> None:
-        if self.part_grads[g] is None:
-            fg = self.groups[g]
-            self.part_grads[g] = torch.zeros(
-                fg.layout.partition_numel, dtype=MASTER_DTYPE, device=fg.device
-            )
-        elif self._part_stale[g]:  # kept from an earlier step: zero it in place
-            self.part_grads[g].zero_()
-        self._part_stale[g] = False
+        scale = self.postscale
+        rank = self.comm.rank
+        base = fg.layout.rank_range(rank)[0]
+        stream = self._stream(fg.device)
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            for w in item.works:
+                w.wait()
+            if item.out is not None:  # reduce-scatter: this rank's whole piece
+                if item.plan is None:
+                    part.add_(item.out, alpha=scale)
+                else:
+                    _, lo, hi = item.plan.pieces[rank]
+                    part[lo - base : hi - base].add_(item.out, alpha=scale)
+            else:
+                plan, data = item.plan, item.buffer.tensor  # type: ignore[union-attr]
+                for r, lo, hi in plan.pieces:
+                    if r == rank:
+                        part[lo - base : hi - base].add_(
+                            data[lo - plan.start : hi - plan.start], alpha=scale
+                        )
+            if item.buffer is not None and stream is not None:
+                item.buffer.ready = torch.cuda.Event()
+                item.buffer.ready.record(stream)
+        if item.buffer is not None:
+            self._pool(item.group).release(item.buffer)
+        return True
 
     # ----- flushing -----------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Launch every partly filled bucket (missing grads count as zero), wait for all."""
-        for g, buckets in enumerate(self.buckets):
-            for bucket in buckets:
-                if bucket.arrived:
-                    self._launch(g, bucket)
+    def end_backward(self) -> None:
+        """Launch what this backward left: stage 2's partly filled buckets (missing grads count
+        as zero), stage 1's flat buffers with new gradients; then complete every reduction
+        (on CUDA: the compute stream waits for the communication stream; no host sync)."""
+        if self.stage == 1:
+            for g in range(len(self.groups)):
+                if self._flat_dirty[g]:
+                    self._launch_group(g)
+        else:
+            for key in sorted(self._open, reverse=True):
+                self._launch_bucket(self._open[key])
         self.wait_all()
 
     def wait_all(self) -> None:
-        while self._in_flight:
-            self._complete(self._in_flight.pop(0))
+        while self._complete_oldest():
+            pass
+        for device, stream in self._streams.items():
+            torch.cuda.current_stream(device).wait_stream(stream)
 
-    def reduce_local_grads(self) -> None:
-        """Reduce gradients still held in ``param.grad`` (stage 1's path; stage 2's leftovers).
+    def reduce_local_grads(self, params: list[list[torch.Tensor]]) -> None:
+        """Reduce gradients still in ``param.grad`` (``no_sync`` leftovers, gradients set by
+        hand) and whatever was collected but not reduced; each is consumed (set to None)."""
+        for g, group_params in enumerate(params):
+            for i, p in enumerate(group_params):
+                if p.grad is not None:
+                    grad, p.grad = p.grad, None
+                    self.add_param_grad(g, i, grad)
+        self.end_backward()
 
-        A group is reduced when any of its trainable params holds a gradient; each such
-        gradient is consumed (``param.grad`` set to None).
-        """
-        self.flush()
-        for g, fg in enumerate(self.groups):
-            if not any(p.grad is not None for p in fg.params):
-                continue
-            for bucket in self.buckets[g]:
-                for i in bucket.param_indices:
-                    p = fg.params[i]
-                    if p.grad is not None:
-                        grad, p.grad = p.grad, None
-                        self._fill(g, i, grad)
-                if bucket.end > bucket.start:
-                    self._launch(g, bucket)
+    def consume(self) -> None:
+        """The step used the gradients: the next backward starts from zero."""
         self.wait_all()
+        for key in list(self._open):
+            self._pool(key[0]).release(self._open.pop(key).buffer)
+        for g, part in enumerate(self.part_grads):
+            self.has_grad[g] = False
+            self._part_stale[g] = part is not None
+            self.got_grad[g] = [False] * len(self.got_grad[g])
+            self._window[g] = [False] * len(self._window[g])
+            self._flat_dirty[g] = False
 
     def zero_grad(self, set_to_none: bool) -> None:
-        self.wait_all()
-        for buckets in self.buckets:
-            for bucket in buckets:
-                bucket.buffer, bucket.arrived = None, set()
-        for g, part in enumerate(self.part_grads):
-            if set_to_none:
-                # The partition's gradient is gone (has_grad False, master.grad None); its
-                # memory is kept and zeroed when the next gradient arrives.
-                self.has_grad[g] = False
-                self._part_stale[g] = part is not None
-            elif part is not None:
-                part.zero_()
+        self.consume()
+        if not set_to_none:
+            for g, part in enumerate(self.part_grads):
+                if part is not None:
+                    part.zero_()
+                    self._part_stale[g] = False
+                    self.has_grad[g] = True
+
+    # ----- memory accounting --------------------------------------------------------------
+
+    def owned_bytes(self) -> dict[str, int]:
+        """Bytes of the gradient tensors this reducer holds, by kind."""
+        def nbytes(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.numel() * t.element_size()
+
+        return {
+            "partition_grads": sum(nbytes(t) for t in self.part_grads),
+            "flat_grads": sum(nbytes(t) for t in self._flat_grads),
+            "bucket_pool": sum(pool.nbytes() for pool in self._pools.values()),
+            "scratch": sum(nbytes(t) for t in self._scratch.values()),
+        }

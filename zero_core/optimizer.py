@@ -7,12 +7,17 @@ Per param group (see ``DESIGN.md``, "The flat layout"):
 * this rank keeps an fp32 master copy of its partition only (``partition_numel`` elements,
   padding kept zero) and hands the wrapped optimizer that single flat tensor as its parameter,
   so every optimizer state tensor is ``1/world_size`` of the model;
-* gradients reach the partition averaged over ranks: stage 1 all-reduces them at ``step`` /
-  ``clip_grad_norm`` time; stage 2 reduces them in buckets to their owner from
-  ``register_post_accumulate_grad_hook`` hooks during backward (``param.grad`` is None after
-  backward in stage 2, and after the reduction in stage 1);
-* after the wrapped optimizer's step, the updated partitions are all-gathered (cast to the model
-  dtype) into every rank's flat buffer, i.e. into the model's params.
+* gradients leave ``param.grad`` in ``register_post_accumulate_grad_hook`` hooks as soon as
+  autograd has accumulated them (``param.grad`` is None after backward) and reach the partition
+  averaged over ranks: stage 1 collects them in one flat gradient buffer and reduce-scatters it
+  at the end of each backward; stage 2 copies them into a small fixed pool of bucket buffers
+  reduced to their owners while backward runs (see ``_grad_reduce``). After backward the
+  averaged partition gradient is readable (``get_local_fragment(p, "grad")``);
+* a step consumes the gradients it used: the next backward starts from zero whether or not
+  ``zero_grad`` was called (``transformers.Trainer`` only calls ``model.zero_grad()``);
+* after the wrapped optimizer's step, the updated partitions are written (cast to the model
+  dtype) into this rank's slice of the flat buffer and all-gathered in place into every rank's
+  flat buffer, i.e. into the model's params.
 
 Collective calls (every rank of the group must make them, in the same order) are marked
 ``Collective`` in their docstrings. The methods under "bridge" are the contract
@@ -59,8 +64,8 @@ __all__ = [
 
 #: Partition alignment in elements (recorded in every layout and checkpoint).
 DEFAULT_ALIGN = 64
-#: Gradient bucket size in elements (a param larger than this gets a bucket of its own).
-DEFAULT_BUCKET_NUMEL = 2**24
+#: Gradient bucket size in elements (stage 2; a larger param is split over several buckets).
+DEFAULT_BUCKET_NUMEL = 2**22
 
 #: Optimizer class names (matched case-insensitively as substrings) refused because their update
 #: of one element depends on other elements (layer-wise trust ratios, factored or matrix
@@ -269,18 +274,37 @@ class ZeroOptimizer(torch.optim.Optimizer):
         optimizer_class: an elementwise ``torch.optim.Optimizer`` subclass (Adam, AdamW, SGD,
             Adagrad, RMSprop, ...). Known non-elementwise ones are refused (see
             :data:`NON_ELEMENTWISE_NAMES`); ``elementwise=True`` overrides the check.
-        stage: 1 (all-reduce gradients at step time) or 2 (reduce buckets to their owners
-            during backward).
+        stage: 1 (partitioned optimizer state; gradients collected in one flat buffer and
+            reduce-scattered at the end of backward) or 2 (also partitioned gradients: buckets
+            from a fixed pool reduced to their owners while backward runs).
         process_group: the data-parallel group (default: the world group; world size 1 works
             without ``torch.distributed`` initialised).
         align: partition alignment in elements.
-        bucket_numel: gradient bucket size in elements.
-        reduce_dtype: dtype gradients are summed in across ranks (default: the model dtype;
-            ``torch.float32`` for exact sums of bf16/fp16 gradients).
+        bucket_numel: stage-2 gradient bucket size in elements; the pool holds
+            ``max_in_flight + 1`` buffers of at most this size.
+        max_in_flight: stage-2 bucket reductions outstanding at once.
+        comm_dtype: dtype gradients travel and are summed in across ranks (DeepSpeed's
+            ``communication_data_type``; default: the model dtype; ``torch.float32`` for exact
+            sums of bf16/fp16 gradients). ``reduce_dtype`` is an older alias.
+        gradient_predivide_factor: gradients are divided by it before the reduction and by
+            ``world_size / factor`` after (DeepSpeed's knob, default 1.0).
+        offload: None, or ``"cpu"``: fp32 masters and optimizer state live in host memory
+            (pinned when on CUDA), partition gradients are copied there asynchronously, the
+            wrapped optimizer steps on the CPU and the updated partitions are copied back and
+            all-gathered (ZeRO-Offload).
+        master_copy: keep a separate fp32 master partition (default True). With an fp32
+            model, ``False`` makes the master this rank's slice of the model's flat buffer:
+            exact (the copy would hold the same bits), saves ``4 * partition_numel`` bytes and a
+            copy per step. Ignored for bf16/fp16 models (they always need fp32 masters).
+        no_grad_rule: what a step does to a param that got no gradient since the last step:
+            ``"skip"`` (torch's rule, default: its value and optimizer state are left exactly
+            as they were; the group's ``step`` counter still advances when other params of the
+            group stepped) or ``"zero"`` (DeepSpeed's: stepped with a zero gradient). A group
+            none of whose params got a gradient is skipped entirely under both rules.
         loss_scale: None (no scaling), ``"dynamic"`` or a positive float (static scale);
             ``loss_scale_options`` are passed to :class:`~zero_core.loss_scaler.LossScaler`
-            (``init_scale``, ``growth_interval``, ``growth_factor``, ``backoff_factor``,
-            ``min_scale``).
+            (``init_scale``, ``scale_window``, ``hysteresis``, ``consecutive_hysteresis``,
+            ``min_scale``, ``scale_factor``; DeepSpeed's rule and defaults).
         broadcast_params: copy rank 0's initial param values to every rank (as DDP does).
         **defaults: passed to ``optimizer_class`` (``lr``, ``betas``, ``weight_decay``, ...);
             per-group options in param-group dicts are passed through as well.
@@ -292,11 +316,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
     :meth:`group_params`).
 
     Gradient accumulation: several backward passes before ``step`` add up (as in torch; scale
-    the loss by ``1/steps`` yourself); inside :meth:`no_sync` stage 2 skips communication and
-    keeps gradients in ``param.grad`` until the next backward outside it (or ``step``). Every
-    rank must produce gradients for the same params. Within a group, a param that got no
-    gradient is stepped with a zero gradient (a plain optimizer would skip it); a group with
-    no gradient at all is skipped, as torch does.
+    the loss by ``1/steps`` yourself); inside :meth:`no_sync` no communication happens (stage 2
+    keeps gradients in ``param.grad``, stage 1 in its flat buffer) until the next backward
+    outside it (or ``step``). Every rank must produce gradients for the same params, in the same
+    order (DDP's rule). A step consumes the gradients: the next backward starts from zero
+    whether or not ``zero_grad`` was called.
     """
 
     def __init__(
@@ -308,7 +332,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         process_group: Any = None,
         align: int = DEFAULT_ALIGN,
         bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+        max_in_flight: int = 2,
+        comm_dtype: torch.dtype | None = None,
         reduce_dtype: torch.dtype | None = None,
+        gradient_predivide_factor: float = 1.0,
+        offload: str | None = None,
+        master_copy: bool = True,
+        no_grad_rule: str = "skip",
         loss_scale: None | str | float = None,
         loss_scale_options: dict[str, Any] | None = None,
         broadcast_params: bool = True,
@@ -320,13 +350,41 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 f"stage must be 1 (partitioned optimizer state) or 2 (also partitioned "
                 f"gradients), got {stage!r}"
             )
-        for label, value in (("align", align), ("bucket_numel", bucket_numel)):
+        for label, value in (
+            ("align", align), ("bucket_numel", bucket_numel), ("max_in_flight", max_in_flight)
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ZeroConfigError(f"{label} must be a positive int (elements), got {value!r}")
-        if reduce_dtype is not None and reduce_dtype not in SUPPORTED_MODEL_DTYPES:
+                raise ZeroConfigError(f"{label} must be a positive int, got {value!r}")
+        if comm_dtype is not None and reduce_dtype is not None and comm_dtype != reduce_dtype:
             raise ZeroConfigError(
-                f"reduce_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
-                f"got {reduce_dtype!r}"
+                f"comm_dtype={comm_dtype} and its alias reduce_dtype={reduce_dtype} disagree; "
+                f"pass only comm_dtype"
+            )
+        comm_dtype = comm_dtype if comm_dtype is not None else reduce_dtype
+        if comm_dtype is not None and comm_dtype not in SUPPORTED_MODEL_DTYPES:
+            raise ZeroConfigError(
+                f"comm_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                f"got {comm_dtype!r}"
+            )
+        if isinstance(gradient_predivide_factor, bool) or not (
+            isinstance(gradient_predivide_factor, (int, float))
+            and math.isfinite(gradient_predivide_factor)
+            and gradient_predivide_factor > 0
+        ):
+            raise ZeroConfigError(
+                f"gradient_predivide_factor must be a positive finite number, got "
+                f"{gradient_predivide_factor!r}"
+            )
+        if offload not in (None, "none", "cpu"):
+            raise ZeroConfigError(
+                f"offload must be None or 'cpu' (fp32 masters and optimizer state in host "
+                f"memory), got {offload!r}"
+            )
+        if no_grad_rule not in ("skip", "zero"):
+            raise ZeroConfigError(
+                f"no_grad_rule must be 'skip' (torch: params without a gradient are not "
+                f"changed) or 'zero' (DeepSpeed: stepped with a zero gradient), got "
+                f"{no_grad_rule!r}"
             )
         self._scaler = self._make_scaler(loss_scale, loss_scale_options)
 
@@ -346,6 +404,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.stage = stage
         self.align = align
         self.bucket_numel = bucket_numel
+        self.offload = "cpu" if offload == "cpu" else None
+        self.master_copy = bool(master_copy)
+        self.no_grad_rule = no_grad_rule
+        self._host_grads: list[torch.Tensor | None] = []  # offload: pinned partition grads
         self._broadcast_params = broadcast_params
         self._groups: list[FlatGroup] = []
         self._named: bool | None = None
@@ -361,7 +423,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         #: True when the last :meth:`step` was skipped because of an fp16 overflow.
         self.last_step_skipped = False
         self._reducer = GradReducer(
-            self._comm, stage=stage, bucket_numel=bucket_numel, reduce_dtype=reduce_dtype
+            self._comm,
+            stage=stage,
+            bucket_numel=bucket_numel,
+            comm_dtype=comm_dtype,
+            predivide=float(gradient_predivide_factor),
+            max_in_flight=max_in_flight,
         )
 
         # torch.optim.Optimizer plumbing (LR schedulers require an Optimizer instance; hooks).
@@ -486,8 +553,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self._broadcast_params and fg.flat.numel():
             with torch.no_grad():
                 self._comm.broadcast(fg.flat, src=0)
-        fg.init_master()
+        shared = not self.master_copy and fg.model_dtype == MASTER_DTYPE
+        if shared and self.offload and fg.device.type != "cpu":
+            shared = False  # offloaded masters live in host memory: they must be a copy
+        fg.init_master(
+            copy=not shared, device=torch.device("cpu") if self.offload else None
+        )
         self._groups.append(fg)
+        self._host_grads.append(None)
         for e in entries:
             self._seen_ids.add(id(e.param))
             if not e.trainable:
@@ -496,11 +569,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._ids[id(p)] = (g, i)
             self._names[fg.layout.params[i].name] = (g, i)
         self._reducer.add_group(fg)
-        if self.stage == 2:
-            for i, p in enumerate(fg.params):
-                self._hook_handles.append(
-                    p.register_post_accumulate_grad_hook(_make_grad_hook(self, g, i))
-                )
+        for i, p in enumerate(fg.params):
+            self._hook_handles.append(
+                p.register_post_accumulate_grad_hook(_make_grad_hook(self, g, i))
+            )
         return fg
 
     # ----- torch.optim.Optimizer surface --------------------------------------------------
@@ -530,7 +602,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.optim.param_groups[g][_NAMES_KEY] = [p.name for p in fg.layout.params]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the partition gradients and any gradients left in the model's params."""
+        """Clear the partition gradients and any gradients left in the model's params.
+
+        Not needed between steps (a step consumes its gradients); kept for torch's contract.
+        ``set_to_none=False`` leaves zero gradients that a following ``step`` applies, as torch.
+        """
         for fg in self._groups:
             for p in fg.params:
                 if p.grad is None:
@@ -544,11 +620,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._grads_prepared = False
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
+    def step(self, closure: Any = None, **kwargs: Any) -> Any:
         """Reduce outstanding gradients, step the partition, all-gather the model.
 
-        Collective. With loss scaling, an overflow on any rank skips the step on every rank
-        (``last_step_skipped`` is then True) and lowers a dynamic scale.
+        Collective. ``closure`` is called once (with grad enabled) before the step; ``kwargs``
+        are passed to the wrapped optimizer's ``step``. The gradients are consumed: the next
+        backward starts from zero. Params without a gradient follow ``no_grad_rule``; a group
+        without any is not stepped. With loss scaling, an overflow on any rank skips the step
+        on every rank (``last_step_skipped`` is then True) and updates a dynamic scale.
         """
         loss = None
         if closure is not None:
@@ -556,35 +635,108 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 loss = closure()
         found_inf = self._prepare_grads()
         self._grads_prepared = False
+        reducer = self._reducer
         if found_inf:
             assert self._scaler is not None
             self._scaler.update(True)
             self.last_step_skipped = True
+            reducer.consume()
             return loss
-        parts = self._reducer.part_grads
+        snapshots = []
+        copies = []
         for g, fg in enumerate(self._groups):
-            fg.master.grad = parts[g] if self._reducer.has_grad[g] else None
+            if not reducer.has_grad[g]:
+                fg.master.grad = None
+                continue
+            grad = reducer.part_grads[g]
+            assert grad is not None
+            if grad.device != fg.master.device:  # offload: device -> pinned host, async
+                host = self._host_grad(g)
+                host.copy_(grad, non_blocking=True)
+                copies.append(grad.device)
+                grad = host
+            fg.master.grad = grad
+            got = reducer.got_grad[g]
+            if self.no_grad_rule == "skip" and any(got) and not all(got):
+                snapshots.append((g, self._snapshot_without_grad(g)))
+        for device in set(copies):  # the host copies must land before the CPU step reads them
+            torch.cuda.current_stream(device).synchronize()
         try:
-            self.optim.step()
+            self.optim.step(**kwargs)
         finally:
             for fg in self._groups:
                 fg.master.grad = None
+        for g, snapshot in snapshots:
+            self._restore_without_grad(g, snapshot)
         for fg in self._groups:
             fg.zero_master_padding()
         self.sync_model_from_masters()
         if self._scaler is not None:
             self._scaler.update(False)
         self.last_step_skipped = False
+        reducer.consume()
         return loss
+
+    def _host_grad(self, g: int) -> torch.Tensor:
+        host = self._host_grads[g]
+        if host is None:
+            fg = self._groups[g]
+            host = torch.empty(
+                fg.layout.partition_numel, dtype=MASTER_DTYPE, device="cpu",
+                pin_memory=fg.device.type == "cuda",
+            )
+            self._host_grads[g] = host
+        return host
+
+    def _ranges_without_grad(self, g: int) -> list[tuple[int, int]]:
+        """This rank's partition ranges ``[lo, hi)`` of params that got no gradient."""
+        fg = self._groups[g]
+        got = self._reducer.got_grad[g]
+        ranges: list[tuple[int, int]] = []
+        for frag in fg.layout.fragments_of_rank(self.rank):
+            if got[frag.param_index]:
+                continue
+            lo, hi = frag.partition_start, frag.partition_start + frag.numel
+            if ranges and ranges[-1][1] == lo:
+                ranges[-1] = (ranges[-1][0], hi)
+            else:
+                ranges.append((lo, hi))
+        return ranges
+
+    def _snapshot_without_grad(self, g: int) -> list[tuple[int, int, dict[str, torch.Tensor | None]]]:
+        fg = self._groups[g]
+        state = self.optim.state.get(fg.master, {})
+        out = []
+        for lo, hi in self._ranges_without_grad(g):
+            saved: dict[str, torch.Tensor | None] = {"master": fg.master_data[lo:hi].clone()}
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() == 1:
+                    saved[key] = value[lo:hi].clone()
+            out.append((lo, hi, saved))
+        return out
+
+    def _restore_without_grad(self, g: int, snapshot: list[tuple[int, int, dict]]) -> None:
+        fg = self._groups[g]
+        state = self.optim.state.get(fg.master, {})
+        pn = fg.layout.partition_numel
+        for lo, hi, saved in snapshot:
+            fg.master_data[lo:hi].copy_(saved["master"])
+            for key, value in state.items():
+                if not (isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == pn):
+                    continue
+                if key in saved:
+                    value[lo:hi].copy_(saved[key])
+                else:  # created by this step: a param that never had a gradient has none
+                    value[lo:hi].zero_()
 
     # ----- gradients ----------------------------------------------------------------------
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Backward passes inside keep their gradients local (in ``param.grad``, accumulated).
+        """Backward passes inside accumulate gradients locally without communicating.
 
-        The next backward outside (or ``step``) reduces the accumulated sum. Stage 1 reduces
-        only at step time anyway, so there this is a no-op.
+        Stage 2 leaves them in ``param.grad``; stage 1 moves them into its flat gradient
+        buffer. The next backward outside (or ``step``) reduces the accumulated sum.
         """
         self._no_sync_depth += 1
         try:
@@ -593,7 +745,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._no_sync_depth -= 1
 
     def _on_param_grad(self, g: int, i: int, p: torch.Tensor) -> None:
-        if self._no_sync_depth or p.grad is None:
+        if p.grad is None or (self._no_sync_depth and self.stage == 2):
             return
         if not self._callback_queued:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
@@ -604,22 +756,29 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _end_backward(self) -> None:
         self._callback_queued = False
-        self._reducer.flush()
+        if not self._no_sync_depth:
+            self._reducer.end_backward()
 
     def _prepare_grads(self) -> bool:
-        """Finish reductions; unscale; agree on overflow. Idempotent until the next backward."""
+        """Finish reductions; unscale; agree on overflow with one all-reduce and one host
+        sync for all groups. Idempotent until the next backward."""
         if self._grads_prepared:
             return self._found_inf
-        self._reducer.reduce_local_grads()
+        reducer = self._reducer
+        reducer.reduce_local_grads([fg.params for fg in self._groups])
         found_inf = False
         if self._scaler is not None:
-            inv = 1.0 / self._scaler.scale
-            bad = False
-            for part in self._reducer.part_grads:
-                if part is not None:
-                    part.mul_(inv)
-                    bad = bad or not bool(torch.isfinite(part).all())
-            found_inf = self._comm.any_true(bad, self._device())
+            device = self._device()
+            parts = [
+                p for g, p in enumerate(reducer.part_grads)
+                if p is not None and reducer.has_grad[g] and p.numel()
+            ]
+            flag = torch.zeros(1, dtype=MASTER_DTYPE, device=device)
+            if parts:
+                inv = torch.full((1,), 1.0 / self._scaler.scale, dtype=MASTER_DTYPE, device=device)
+                torch._amp_foreach_non_finite_check_and_unscale_(parts, flag, inv)
+            self._comm.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            found_inf = bool(flag.item())  # the step's one host sync
         self._found_inf = found_inf
         self._grads_prepared = True
         return found_inf
@@ -639,7 +798,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """
         found_inf = self._prepare_grads()
         norm_type = float(norm_type)
-        parts = [p for p in self._reducer.part_grads if p is not None and p.numel()]
+        reducer = self._reducer
+        parts = [
+            p for g, p in enumerate(reducer.part_grads)
+            if p is not None and reducer.has_grad[g] and p.numel()
+        ]
         device = self._device()
         if norm_type == math.inf:
             local = torch.zeros((), dtype=MASTER_DTYPE, device=device)
@@ -924,7 +1087,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 and dst.numel() == pn
                 and dst.dtype == src.dtype
             ):
-                dst = torch.zeros(pn, dtype=src.dtype, device=fg.device)
+                dst = torch.zeros(pn, dtype=src.dtype, device=fg.master.device)
                 state[key] = dst
             fill(dst, src, key)
         group = self.optim.param_groups[g]
@@ -938,7 +1101,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 on_device = group.get("fused") or group.get("capturable")
                 dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
                 state[key] = torch.tensor(
-                    value, dtype=dtype, device=fg.device if on_device else torch.device("cpu")
+                    value, dtype=dtype, device=fg.master.device if on_device else torch.device("cpu")
                 )
 
     @torch.no_grad()
@@ -946,8 +1109,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Write every rank's master partition (cast to the model dtype) into every rank's
         model flat buffer. Collective."""
         for fg in self._groups:
-            if fg.flat.numel():
-                self._comm.all_gather_into(fg.flat, fg.master_data.to(fg.model_dtype))
+            if not fg.flat.numel():
+                continue
+            own = fg.own_flat_slice()
+            if not fg.master_is_model:  # cast (and, offloaded, host -> device) into place
+                own.copy_(fg.master_data, non_blocking=True)
+            self._comm.all_gather_into(fg.flat, own)
 
     @torch.no_grad()
     def sync_masters_from_model(self) -> None:
@@ -955,6 +1122,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         ``model.load_state_dict``, which writes into the params in place). Not collective:
         each rank reads its own partition of its flat buffer."""
         for fg in self._groups:
+            if fg.master_is_model:
+                continue
             n = fg.real_partition_numel()
             fg.master_data[:n].copy_(fg.own_flat_slice()[:n])
             fg.master_data[n:].zero_()
@@ -999,11 +1168,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load :meth:`state_dict` output saved by the same rank at the same world size and
-        layout (checked; :class:`ZeroStateDictError` otherwise), then update the model.
+        """Load a state dict, either of two kinds (checked; :class:`ZeroStateDictError`
+        otherwise):
 
-        Collective (the model params are all-gathered from the loaded masters).
+        * :meth:`state_dict` output saved by the same rank at the same world size and layout;
+          the masters are loaded and the model is updated from them (collective: all-gather);
+        * a plain torch optimizer state dict (``{"state", "param_groups"}``), as a non-sharded
+          ``optimizer_class`` over the same params writes it, or :meth:`consolidate_state_dict`
+          returns, from any world size: every rank takes its fragments of each param's state;
+          the weights come from the model (the masters are refreshed from it). Not collective.
         """
+        if (
+            isinstance(state_dict, dict)
+            and "zero_optimizer" not in state_dict
+            and "state" in state_dict
+            and "param_groups" in state_dict
+        ):
+            self._load_torch_state_dict(state_dict)
+            return
         info = state_dict.get("zero_optimizer") if isinstance(state_dict, dict) else None
         if not isinstance(info, dict) or "groups" not in state_dict:
             raise ZeroStateDictError(
@@ -1043,6 +1225,160 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.load_hyperparams(g, group["hyperparams"])
         self.load_loss_scaler_state(state_dict.get("loss_scaler") or {})
         self.sync_model_from_masters()
+
+    @torch.no_grad()
+    def _load_torch_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups, states = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(groups, list) or not isinstance(states, dict):
+            raise ZeroStateDictError(
+                "torch optimizer state dict: 'param_groups' must be a list and 'state' a dict"
+            )
+        if len(groups) != len(self._groups):
+            raise ZeroStateDictError(
+                f"torch optimizer state dict has {len(groups)} param groups, this optimizer "
+                f"has {len(self._groups)}; build ZeroOptimizer with the same param groups"
+            )
+        self.sync_masters_from_model()
+        for g, (fg, pg) in enumerate(zip(self._groups, groups)):
+            ids = list(pg.get("params", []))
+            trainable = [k for k, e in enumerate(fg.entries) if e.trainable]
+            if len(ids) == len(fg.entries):
+                ids = [ids[k] for k in trainable]
+            elif len(ids) != len(trainable):
+                raise ZeroStateDictError(
+                    f"torch optimizer state dict group {g} lists {len(ids)} params, this "
+                    f"optimizer's group {g} has {len(fg.entries)} ({len(trainable)} trainable); "
+                    f"build ZeroOptimizer over the same params"
+                )
+            names = pg.get("param_names")
+            if self._named and isinstance(names, list) and len(names) == len(fg.entries):
+                mine = [e.name for e in fg.entries]
+                if names != mine:
+                    bad = next(k for k, (a, b) in enumerate(zip(names, mine)) if a != b)
+                    raise ZeroStateDictError(
+                        f"torch optimizer state dict group {g} param {bad} is {names[bad]!r}, "
+                        f"this optimizer has {mine[bad]!r}; the params differ"
+                    )
+            pn = fg.layout.partition_numel
+            tensors: dict[str, torch.Tensor] = {}
+            scalars: dict[str, Any] = {}
+            for index, pid in enumerate(ids):
+                st = states.get(pid)
+                if not st:
+                    continue
+                spec = fg.layout.params[index]
+                for key, value in st.items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0:
+                        if value.numel() != spec.numel:
+                            raise ZeroStateDictError(
+                                f"torch optimizer state {key!r} of {spec.name!r} has "
+                                f"{value.numel()} elements, the param has {spec.numel}"
+                            )
+                        part = tensors.get(key)
+                        if part is None:
+                            part = torch.zeros(pn, dtype=value.dtype, device=fg.master.device)
+                            tensors[key] = part
+                        flat = value.reshape(-1)
+                        for frag in fg.layout.fragments_of_param(index):
+                            if frag.rank == self.rank:
+                                part[frag.partition_start : frag.partition_start + frag.numel].copy_(
+                                    flat[frag.param_start : frag.param_start + frag.numel]
+                                )
+                    else:
+                        number = _python_scalar(key, value)
+                        # params skipped by torch carry smaller counts: the group keeps the largest
+                        scalars[key] = number if key not in scalars else max(scalars[key], number)
+            if tensors or scalars:
+                self.load_partition(g, {"master": fg.master_data.clone(), **tensors}, scalars)
+            self.load_hyperparams(
+                g, {k: v for k, v in pg.items() if k not in ("params", "param_names")}
+            )
+
+    @torch.no_grad()
+    def set_full_grad(self, param_or_name: Any, value: torch.Tensor) -> None:
+        """Set a param's averaged gradient for the coming step (like DeepSpeed's
+        ``safe_set_full_grad``): each rank writes its fragment into its partition gradient.
+
+        Not collective, but every rank must pass the same full ``value`` (the param's shape).
+        Other params of the group keep the gradient they have (zero if none arrived)."""
+        g, i = self._locate(param_or_name)
+        fg = self._groups[g]
+        flat = self._full_value(g, i, value, "set_full_grad")
+        part = self._reducer.start_grad(g)
+        for frag in fg.layout.fragments_of_param(i):
+            if frag.rank == self.rank:
+                part[frag.partition_start : frag.partition_start + frag.numel].copy_(
+                    flat[frag.param_start : frag.param_start + frag.numel]
+                )
+        self._reducer.got_grad[g][i] = True
+        self._grads_prepared = False
+
+    @torch.no_grad()
+    def set_full_state(self, param_or_name: Any, key: str, value: Any) -> None:
+        """Set a param's full optimizer state ``key`` (like DeepSpeed's
+        ``safe_set_full_optimizer_state``); ``"master"`` and ``"grad"`` are accepted too.
+
+        Not collective, but every rank must pass the same full ``value``. A tensor state the
+        optimizer has not created yet is created (zero elsewhere); a scalar state (``"step"``)
+        is per group in a ZeroOptimizer, so setting it sets the whole group's."""
+        if key == "master":
+            self.set_full_master(param_or_name, value)
+            return
+        if key == "grad":
+            self.set_full_grad(param_or_name, value)
+            return
+        g, i = self._locate(param_or_name)
+        fg = self._groups[g]
+        state = self.optim.state[fg.master]
+        current = state.get(key)
+        scalar = not isinstance(value, torch.Tensor) or value.dim() == 0
+        if scalar:
+            number = value.item() if isinstance(value, torch.Tensor) else value
+            if isinstance(current, torch.Tensor):
+                current.fill_(number)
+            else:
+                state[key] = number
+            return
+        flat = self._full_value(g, i, value, f"set_full_state({key!r})")
+        pn = fg.layout.partition_numel
+        if not (isinstance(current, torch.Tensor) and current.numel() == pn):
+            current = torch.zeros(pn, dtype=value.dtype, device=fg.master.device)
+            state[key] = current
+        for frag in fg.layout.fragments_of_param(i):
+            if frag.rank == self.rank:
+                current[frag.partition_start : frag.partition_start + frag.numel].copy_(
+                    flat[frag.param_start : frag.param_start + frag.numel]
+                )
+
+    def _full_value(self, g: int, i: int, value: Any, what: str) -> torch.Tensor:
+        spec = self._groups[g].layout.params[i]
+        value = torch.as_tensor(value)
+        if tuple(value.shape) != spec.shape:
+            raise ZeroConfigError(
+                f"{what} of {spec.name!r}: value has shape {tuple(value.shape)}, the param has "
+                f"{spec.shape}; pass the full tensor"
+            )
+        return value.reshape(-1).to(device=self._groups[g].master.device, dtype=MASTER_DTYPE)
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank's optimizer holds beyond the model's params, by kind, counted from
+        the live tensors: ``masters`` (separate fp32 master partitions), ``states`` (tensor
+        optimizer state), ``partition_grads``, ``flat_grads`` (stage 1), ``bucket_pool``
+        (stage 2), ``scratch`` (reduce-scatter outputs), ``host_grads`` (offload), ``total``.
+        Not collective."""
+        def nbytes(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        out = {
+            "masters": sum(nbytes(fg.master_data) for fg in self._groups if not fg.master_is_model),
+            "states": sum(
+                nbytes(t) for g in range(len(self._groups)) for t in self.state_partitions(g).values()
+            ),
+            **self._reducer.owned_bytes(),
+            "host_grads": sum(nbytes(t) for t in self._host_grads if t is not None),
+        }
+        out["total"] = sum(out.values())
+        return out
 
     @torch.no_grad()
     def consolidate_state_dict(self, to: int = 0) -> dict[str, Any] | None:
