@@ -58,7 +58,6 @@ MAX_JSON_DEPTH = 64
 # written before the field existed have no suffix and are read as before.
 CHECKSUM_FIELD = "manifest_checksum"
 _CHECKSUM_SUFFIX = re.compile(rb',\n "manifest_checksum": "crc32c:([0-9a-f]{8})"\n\}\n\Z')
-_CHECKSUM_KEY = b'"manifest_checksum"'
 # C0 controls, DEL and C1 controls: never in a name (an ESC sequence in a name printed by
 # ``inspect`` would drive the user's terminal).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -267,11 +266,7 @@ class Manifest:
         if checked:
             doc.pop(CHECKSUM_FIELD, None)
         elif CHECKSUM_FIELD in doc:
-            raise ManifestError(
-                f"{path}: {CHECKSUM_FIELD} is not the document's last line as zero-ckpt writes "
-                "it; the manifest was edited or is damaged",
-                path=path,
-            )
+            _verify_reformatted(doc, path)
         _check_strings(doc, path)
         if doc.get("format") != FORMAT_NAME:
             raise ManifestError(
@@ -343,24 +338,41 @@ def _verify_checksum(data: bytes, path: str) -> bool:
     """Whether ``data`` carries its own checksum (verified: ManifestError on a mismatch)."""
     m = _CHECKSUM_SUFFIX.search(data)
     if m is None:
-        if _CHECKSUM_KEY in data[-256:]:
-            raise ManifestError(
-                f"{path}: its {CHECKSUM_FIELD} line is damaged; the manifest cannot be trusted "
-                "(restore it from a good copy)",
-                path=path,
-            )
         return False
     actual = crc32c(data[: m.start()])
     if actual != int(m.group(1), 16):
-        raise ManifestError(
-            f"{path}: checksum mismatch (the content hashes to {format_checksum(actual)}, the "
-            f"manifest records crc32c:{m.group(1).decode()}); the manifest is damaged: restore it "
-            "from a good copy",
-            path=path,
-            expected=f"crc32c:{m.group(1).decode()}",
-            actual=format_checksum(actual),
-        )
+        raise _mismatch(path, f"crc32c:{m.group(1).decode()}", actual)
     return True
+
+
+def _mismatch(path: str, recorded: str, actual: int) -> ManifestError:
+    return ManifestError(
+        f"{path}: checksum mismatch (the content hashes to {format_checksum(actual)}, the "
+        f"manifest records {recorded}): it changed after zero-ckpt wrote it; restore it from a "
+        f"good copy (if you edited it on purpose, delete its {CHECKSUM_FIELD!r} field)",
+        path=path,
+        expected=recorded,
+        actual=format_checksum(actual),
+    )
+
+
+def _verify_reformatted(doc: dict, path: str) -> None:
+    """A manifest whose checksum field is not the exact last line zero-ckpt writes (a tool
+    re-serialised it): its content is checked by writing it again as zero-ckpt does."""
+    recorded = doc.pop(CHECKSUM_FIELD)
+    if not isinstance(recorded, str) or not re.fullmatch(r"crc32c:[0-9a-f]{8}", recorded):
+        raise ManifestError(
+            f"{path}: {CHECKSUM_FIELD} is {str(recorded)[:40]!r}, not 'crc32c:<8 lowercase hex "
+            "digits>'; the manifest is damaged",
+            path=path,
+        )
+    try:
+        body = json.dumps(doc, indent=1, allow_nan=False)
+    except (TypeError, ValueError):
+        body = ""
+    actual = crc32c(body[:-2].encode())
+    if actual != int(recorded[7:], 16):
+        raise _mismatch(path, recorded, actual)
 
 
 _BRACKETS = re.compile(rb'[\[\]{}]|"(?:[^"\\]|\\.)*"')
