@@ -24,6 +24,13 @@ __all__ = [
     "progress_bar",
     "echo_json",
     "SizeType",
+    "PartType",
+    "part_options",
+    "announce_part",
+    "echo_part",
+    "wants_json",
+    "error_document",
+    "JSON_META_KEY",
 ]
 
 
@@ -87,11 +94,37 @@ def common_options(f: Callable) -> Callable:
     return f
 
 
+JSON_META_KEY = "zero_ckpt.json"
+DISTRIBUTED_META_KEY = "zero_ckpt.distributed"
+
+
+def _json_callback(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:  # the group's error handler prints errors as JSON too (see cli.main)
+        ctx.meta[JSON_META_KEY] = True
+    return value
+
+
 def json_option(f: Callable) -> Callable:
-    """Add ``--json``: print the result as one JSON document on stdout."""
+    """Add ``--json``: print the result as one JSON document on stdout; errors then are
+    ``{"error": "...", "kind": "..."}`` on stdout too, with the same non-zero exit."""
     return click.option(
-        "--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout."
+        "--json",
+        "as_json",
+        is_flag=True,
+        callback=_json_callback,
+        help='Print machine-readable JSON on stdout (errors too: {"error": ..., "kind": ...}).',
     )(f)
+
+
+def wants_json(ctx: click.Context | None) -> bool:
+    """Whether the command being run was given ``--json`` (so far as click parsed it)."""
+    return bool(ctx is not None and ctx.meta.get(JSON_META_KEY))
+
+
+def error_document(exc: BaseException, message: str) -> dict[str, str]:
+    """The JSON an error becomes under ``--json``: the one-line message and its kind (the
+    exception class name, e.g. ``MissingShardError``, ``UsageError``)."""
+    return {"error": message, "kind": type(exc).__name__}
 
 
 def cli_options(ctx: click.Context, storage_options: dict[str, Any], quiet: bool) -> CliOptions:
@@ -192,8 +225,34 @@ class PartType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+def _part_callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if ctx.meta.get(DISTRIBUTED_META_KEY):
+        if value is not None:
+            raise click.UsageError("--part and --distributed exclude each other: use --part I/N "
+                                   "on separate hosts, or --distributed under torchrun", ctx=ctx)
+        from zero_ckpt.parts import DISTRIBUTED
+
+        return DISTRIBUTED
+    return value
+
+
+def _distributed_callback(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    # Not passed to the command: it turns the ``part`` argument into "distributed" (click
+    # processes --part after this flag unless --part came first on the command line).
+    if value:
+        ctx.meta[DISTRIBUTED_META_KEY] = True
+        if ctx.params.get("part") is not None:
+            raise click.UsageError("--part and --distributed exclude each other: use --part I/N "
+                                   "on separate hosts, or --distributed under torchrun", ctx=ctx)
+    return value
+
+
 def part_options(f: Any) -> Any:
-    """``--part I/N`` and ``--workers N``, shared by reshard and consolidate."""
+    """``--part I/N``, ``--distributed`` and ``--workers N``, shared by reshard and consolidate.
+
+    The command receives ``part``: None (the whole job here), a PartSpec (``--part``) or
+    ``"distributed"`` (``--distributed``); torchrun's variables alone change nothing.
+    """
     f = click.option(
         "--workers",
         type=click.IntRange(min=1),
@@ -202,32 +261,53 @@ def part_options(f: Any) -> Any:
         help="Parallel I/O threads in this process (default: ZERO_CKPT_WORKERS, 4).",
     )(f)
     f = click.option(
+        "--distributed",
+        is_flag=True,
+        expose_value=False,
+        callback=_distributed_callback,
+        help=(
+            "Split the job across the ranks of a torchrun launch (RANK/WORLD_SIZE/MASTER_ADDR/"
+            "MASTER_PORT must be set; ranks join a gloo group, waiting "
+            "ZERO_CKPT_PART_JOIN_TIMEOUT_S, 300 s, for missing ones; rank 0 commits). Without "
+            "it, torchrun's variables are ignored and the whole job runs in this process."
+        ),
+    )(f)
+    f = click.option(
         "--part",
         type=PartType(),
         default=None,
         metavar="I/N",
+        callback=_part_callback,
         help=(
             "Do only part I (0-based) of the job split N ways, e.g. on N hosts; the part that "
-            "completes the set commits. Under torchrun the default is RANK/WORLD_SIZE."
+            "completes the set commits, the others leave the output incomplete until then."
         ),
     )(f)
     return f
 
 
 def announce_part(part: Any, quiet: bool) -> Any:
-    """The ``part=`` argument for the library; says on stderr when torchrun's env picks it."""
+    """The ``part=`` argument for the library: what the options said, never the environment.
+
+    When torchrun's RANK/WORLD_SIZE are set but neither --part nor --distributed was given,
+    says on stderr (unless quiet) that the whole job runs here.
+    """
     if part is not None:
         return part
     from zero_ckpt.parts import part_from_env
 
-    spec = part_from_env(os.environ)
-    if spec is not None and not quiet:
+    try:
+        spec = part_from_env(os.environ)
+    except ValueError:
+        spec = None
+    if spec is not None and spec.parts > 1 and not quiet:
         click.echo(
-            f"torchrun environment: running part {spec} (RANK/WORLD_SIZE); "
-            "pass --part 0/1 to run the whole job here",
+            f"note: RANK/WORLD_SIZE are set (rank {spec.index} of {spec.parts}), but this command "
+            "runs the whole job in this process; pass --distributed to split it across the "
+            "torchrun ranks",
             err=True,
         )
-    return "auto"
+    return None
 
 
 def echo_part(result: Any, as_json: bool, verb: str, src: str, dst: str, extra: dict[str, Any]) -> None:
@@ -262,4 +342,7 @@ def echo_part(result: Any, as_json: bool, verb: str, src: str, dst: str, extra: 
         click.echo(f"{by}: {dst} is complete" + (f" ({extra['summary']})" if extra.get("summary") else ""))
     else:
         waiting = ",".join(str(k) for k in result.waiting_for)
-        click.echo(f"waiting for parts {waiting} (the last part to finish commits)")
+        click.echo(
+            f"waiting for parts {waiting} (the last part to finish commits): {dst} is NOT "
+            "complete yet"
+        )

@@ -2,7 +2,9 @@
 
 Exit codes: 0 success; 1 an error about the checkpoint, the storage or a value (one line
 ``error: <message>`` on stderr) or an unexpected failure (one line plus a hint); 2 a usage
-error (click's message). ``ZERO_CKPT_DEBUG=1`` lets every exception through with its traceback.
+error (click's message). With ``--json`` an error is one JSON document on stdout instead,
+``{"error": "<message>", "kind": "<exception class>"}``, with the same exit code.
+``ZERO_CKPT_DEBUG=1`` lets every exception through with its traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import click
 
 from cli import consolidate_cmd, convert_cmd, inspect_cmd, list_cmd, reshard_cmd, verify_cmd
-from cli._common import CliOptions, common_options
+from cli._common import CliOptions, common_options, echo_json, error_document, wants_json
 
 __all__ = ["cli", "main"]
 
@@ -30,13 +32,19 @@ def _one_line(text: str) -> str:
 
 
 class _Group(click.Group):
-    """A click group whose commands' errors print as one line instead of a traceback."""
+    """A click group whose commands' errors print as one line instead of a traceback (as one
+    JSON document ``{"error": ..., "kind": ...}`` on stdout when the command got ``--json``)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise  # click's own: exit codes and usage messages as click does them
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except click.ClickException as exc:
+            if not wants_json(ctx):
+                raise  # click's own: exit codes and usage messages as click does them
+            echo_json(error_document(exc, _one_line(exc.format_message())))
+            ctx.exit(exc.exit_code)
         except Exception as exc:
             if _debug():
                 raise
@@ -44,15 +52,17 @@ class _Group(click.Group):
 
             if isinstance(exc, (CheckpointError, ValueError, OSError)):
                 message = _one_line(str(exc)) or type(exc).__name__
-                click.echo(f"error: {message}", err=True)
             else:
                 first = _one_line(str(exc).split("\n", 1)[0])
-                click.echo(
-                    f"error: unexpected {type(exc).__name__}"
+                message = (
+                    f"unexpected {type(exc).__name__}"
                     + (f": {first}" if first else "")
-                    + f" (set {DEBUG_ENV}=1 to see the traceback)",
-                    err=True,
+                    + f" (set {DEBUG_ENV}=1 to see the traceback)"
                 )
+            if wants_json(ctx):
+                echo_json(error_document(exc, message))
+            else:
+                click.echo(f"error: {message}", err=True)
             ctx.exit(1)
 
 

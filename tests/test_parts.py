@@ -39,6 +39,7 @@ from zero_ckpt.parts import (  # noqa: E402
     assign_parts,
     compact_pieces,
     parse_part,
+    SplitJobError,
     part_from_env,
     resolve_part,
 )
@@ -136,7 +137,13 @@ def test_part_specs():
         part_from_env({"RANK": "3", "WORLD_SIZE": "3"})
     assert resolve_part(None) is None
     assert resolve_part("auto", {}) is None
-    assert resolve_part("auto", {"RANK": "0", "WORLD_SIZE": "2"}) == PartSpec(0, 2, True)
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert resolve_part("auto", env) == PartSpec(0, 2, True)
+    assert resolve_part("distributed", env) == PartSpec(0, 2, True)
+    with pytest.raises(SplitJobError, match="MASTER_ADDR, MASTER_PORT are not set"):
+        resolve_part("auto", {"RANK": "0", "WORLD_SIZE": "2"})  # never half a job without a group
+    with pytest.raises(SplitJobError, match="RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"):
+        resolve_part("distributed", {})
     assert resolve_part((1, 2)) == PartSpec(1, 2)
     with pytest.raises(ValueError):
         resolve_part((2, 2))
@@ -329,17 +336,14 @@ def test_corruption_in_a_tensor_one_part_reads_whole_stops_that_part(src, tmp_pa
 # ----- torchrun ---------------------------------------------------------------------------------
 
 
-def test_torchrun_env_without_a_process_group_uses_records(src, reference, tmp_path, monkeypatch):
+def test_torchrun_env_alone_runs_the_whole_job(src, reference, tmp_path, monkeypatch):
     dst = str(tmp_path / "out")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     runner = CliRunner()
     r1 = runner.invoke(cli, ["reshard", src, dst, "--to", str(DST_WS), "-q"], catch_exceptions=False)
     assert r1.exit_code == 0, r1.output
-    assert "waiting for parts 0" in r1.stdout
-    monkeypatch.setenv("RANK", "0")
-    r0 = zero_ckpt.reshard(src, dst, world_size=DST_WS, part="auto")
-    assert r0.committed and r0.committed_by == 0
+    assert r1.stdout.startswith(f"resharded {src} -> {dst}: world size {DST_WS}")
     assert dir_bytes(dst) == reference["reshard"]
 
 
@@ -357,7 +361,7 @@ def test_two_processes_with_torchrun_env_commit_once(src, reference, tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "cli.main", "reshard", src, dst, "--to", str(DST_WS), "--json", "-q",
-             "--workers", "2"],
+             "--workers", "2", "--distributed"],
             cwd=ROOT, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )

@@ -18,14 +18,16 @@ commit is idempotent: two parts that finish at once may both commit and write id
 
 Who commits:
 
-- without a process group (``--part i/n`` on any hosts, or torchrun without ``MASTER_ADDR``):
-  each part, after writing its record, lists the records; the one that sees all ``n`` commits
-  (ties commit twice, identically); the others report which parts they wait for;
-- under torchrun (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` set and the part
-  taken from them): a gloo process group; records are still written (for resume), gathered
-  to rank 0, rank 0 commits and broadcasts the outcome, so every rank returns (or raises)
-  only after the commit. This is the only use of ``torch.distributed`` in the offline jobs,
-  imported lazily.
+- without a process group (``--part i/n`` on any hosts): each part, after writing its record,
+  lists the records; the one that sees all ``n`` commits (ties commit twice, identically);
+  the others report which parts they wait for (their output is not complete yet);
+- distributed (``--distributed``, ``part="distributed"``: only when asked, never because
+  torchrun's variables are set): ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` must
+  all be set (SplitJobError before anything is written otherwise); the ranks join a gloo
+  process group, waiting :func:`join_timeout_s` (300 s) for missing peers; records are still
+  written (for resume), gathered to rank 0, rank 0 commits and broadcasts the outcome, so
+  every rank returns (or raises) only after the commit. This is the only use of
+  ``torch.distributed`` in the offline jobs, imported lazily.
 
 Job id: a hash of the source manifest, the kind of job and its options (target world size;
 dtype, max shard size, optimizer), the part count and the zero-ckpt version. Records of
@@ -91,6 +93,9 @@ __all__ = [
     "part_from_env",
     "resolve_part",
     "make_job",
+    "DISTRIBUTED",
+    "SplitJobError",
+    "join_timeout_s",
     "run_part",
 ]
 
@@ -102,6 +107,11 @@ _RECORD_VERSION = 1
 
 
 # ----- pure: which part does what -------------------------------------------------------------
+class SplitJobError(CheckpointError, ValueError):
+    """A split job cannot run as asked: its environment is incomplete, or its peers did not
+    join (or were lost) within the timeout. Nothing was committed."""
+
+
 
 
 @dataclass(frozen=True)
@@ -176,7 +186,12 @@ def parse_part(text: str) -> PartSpec:
 
 
 def part_from_env(env: Mapping[str, str] | None = None) -> PartSpec | None:
-    """``PartSpec(RANK, WORLD_SIZE, from_env=True)`` under torchrun, else None."""
+    """``PartSpec(RANK, WORLD_SIZE, from_env=True)`` when both are set (torchrun), else None.
+
+    Only consulted when a caller asks for a split job from the environment (``part=
+    "distributed"`` or ``"auto"``): torchrun's variables alone never split a job.
+    SplitJobError when they are set but do not name a part.
+    """
     env = os.environ if env is None else env
     rank, world = env.get("RANK"), env.get("WORLD_SIZE")
     if not rank or not world:
@@ -184,27 +199,54 @@ def part_from_env(env: Mapping[str, str] | None = None) -> PartSpec | None:
     try:
         return PartSpec(int(rank), int(world), from_env=True)
     except ValueError:
-        raise ValueError(
+        raise SplitJobError(
             f"RANK={rank!r} and WORLD_SIZE={world!r} do not name a part (need 0 <= RANK < "
-            "WORLD_SIZE); fix the environment or pass the part explicitly"
+            "WORLD_SIZE); fix the environment or pass the part explicitly with --part I/N",
+            actual=(rank, world),
         ) from None
 
 
 def resolve_part(part: Any, env: Mapping[str, str] | None = None) -> PartSpec | None:
+DISTRIBUTED = "distributed"
+_GROUP_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
     """The ``part=`` argument of reshard/consolidate as a PartSpec, or None for the whole job.
 
-    ``None``: the whole job in this process; ``(i, n)``, ``"i/n"`` or a PartSpec: that part;
-    ``"auto"``: ``(RANK, WORLD_SIZE)`` when both are set (torchrun), else the whole job.
+    ``None``: the whole job in this process (whatever the environment holds); ``(i, n)``,
+    ``"i/n"`` or a PartSpec: that part, committed by whichever part finishes last (no process
+    group); ``"distributed"``: this process is rank ``RANK`` of a torchrun launch of
+    ``WORLD_SIZE`` ranks joined in a gloo group at ``MASTER_ADDR:MASTER_PORT`` (rank 0
+    commits). SplitJobError, before anything is read or written, when one of those four
+    variables is missing. ``"auto"``: ``"distributed"`` when RANK and WORLD_SIZE are set,
+    else the whole job (kept for library callers; the CLI never passes it).
     """
     if part is None or isinstance(part, PartSpec):
         return part
     if part == "auto":
-        return part_from_env(env)
+        env_ = os.environ if env is None else env
+        if not env_.get("RANK") or not env_.get("WORLD_SIZE"):
+            return None
+        part = DISTRIBUTED
+    if part == DISTRIBUTED:
+        env_ = os.environ if env is None else env
+        missing = [k for k in _GROUP_ENV if not env_.get(k)]
+        if missing:
+            raise SplitJobError(
+                f"a distributed job needs torchrun's environment, but {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set; launch it with `torchrun "
+                "--nproc-per-node N zero-ckpt ... --distributed` (every rank runs the same "
+                "command), or pass --part I/N to run one part without a process group",
+                actual=missing,
+            )
+        return part_from_env(env_)
     if isinstance(part, str):
         return parse_part(part)
     if isinstance(part, tuple) and len(part) == 2 and all(isinstance(x, int) for x in part):
         return PartSpec(part[0], part[1])
-    raise ValueError(f"part must be None, 'auto', 'i/n' or a tuple (i, n), got {part!r}")
+    raise ValueError(
+        f"part must be None, 'distributed', 'auto', 'i/n' or a tuple (i, n), got {part!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -656,33 +698,101 @@ def _check_destination(src: Location, dst: Location, work: PartWork, overwrite: 
 class _Group:
     """The job's gloo process group (created here, or a gloo group beside an existing one)."""
 
-    def __init__(self, dist: Any, group: Any, created_default: bool) -> None:
+    def __init__(self, dist: Any, group: Any, created_default: bool, spec: PartSpec | None = None) -> None:
         self.dist = dist
         self.group = group
         self.created_default = created_default
 
     @classmethod
     def open(cls, spec: PartSpec) -> "_Group | None":
-        if not spec.from_env or not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+        """None for a part without a process group (``--part``); else join the torchrun
+        ranks. SplitJobError when torch.distributed is unavailable or a peer does not join
+        within :func:`join_timeout_s` (nothing has been written by then)."""
+        if not spec.from_env:
             return None
         try:
             import torch.distributed as dist
         except ImportError:
-            return None
-        if not dist.is_available():
-            return None
-        timeout = timedelta(seconds=knobs.part_timeout_s())
+            dist = None
+        if dist is None or not dist.is_available():
+            raise SplitJobError(
+                f"part {spec} of a distributed job needs torch.distributed, which this torch "
+                "build lacks; install a torch with distributed support or pass --part I/N"
+            )
+        work = timedelta(seconds=knobs.part_timeout_s())
         if dist.is_initialized():
+_JOIN_TIMEOUT_ENV = "ZERO_CKPT_PART_JOIN_TIMEOUT_S"
+_JOIN_TIMEOUT_DEFAULT_S = 300
+_opened_groups = 0  # one join key space per group this process opens (same order on every rank)
+
+
+def join_timeout_s(env: Mapping[str, str] | None = None) -> int:
+    """How long a distributed split job's ranks wait for each other to *join*, in seconds
+    (ZERO_CKPT_PART_JOIN_TIMEOUT_S, default 300): a rank that never starts (a typo in the
+    launch, a dead host) fails the others after this, with a message naming the missing ranks.
+    Once every rank has joined, waiting for a slow peer's work is bounded by
+    ZERO_CKPT_PART_TIMEOUT_S (:func:`zero_ckpt.knobs.part_timeout_s`)."""
+    env = os.environ if env is None else env
+    raw = env.get(_JOIN_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return _JOIN_TIMEOUT_DEFAULT_S
+    try:
+        value = int(raw)
+        if value < 1:
+            raise ValueError
+    except ValueError:
+        raise SplitJobError(
+            f"{_JOIN_TIMEOUT_ENV}={raw!r} is not a whole number of seconds of at least 1; "
+            f"unset it for the default ({_JOIN_TIMEOUT_DEFAULT_S}) or set e.g. 600",
+            actual=raw,
+        ) from None
+    return value
+
+
             if (dist.get_rank(), dist.get_world_size()) != (spec.index, spec.parts):
-                raise ValueError(
+                raise SplitJobError(
                     f"the process group has rank {dist.get_rank()} of {dist.get_world_size()}, "
-                    f"but RANK/WORLD_SIZE say part {spec}"
+                    f"but RANK/WORLD_SIZE say part {spec}; run the job with the group's ranks",
+                    expected=str(spec), actual=(dist.get_rank(), dist.get_world_size()),
                 )
-            return cls(dist, dist.new_group(backend="gloo", timeout=timeout), False)
-        dist.init_process_group(
-            "gloo", init_method="env://", rank=spec.index, world_size=spec.parts, timeout=timeout
+            return cls(dist, dist.new_group(backend="gloo", timeout=work), False, spec)
+        global _opened_groups
+        _opened_groups += 1
+        join = join_timeout_s()
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        hint = (
+            f"start all {spec.parts} ranks with the same command (torchrun --nproc-per-node "
+            f"{spec.parts} ... --distributed), raise {_JOIN_TIMEOUT_ENV} (now {join} s), or "
+            "drop --distributed to run the whole job in one process"
         )
-        return cls(dist, None, True)
+        try:
+            store, _, _ = next(dist.rendezvous("env://", spec.index, spec.parts, timeout=timedelta(seconds=join)))
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/DistError/ValueError here
+            raise SplitJobError(
+                f"part {spec} of the distributed job could not join the other ranks at {where} "
+                f"within {join} s ({_first_line(exc)}); nothing was written: {hint}",
+                actual=where,
+            ) from None
+        prefix = f"zero-ckpt/{_opened_groups}"
+        keys = [f"{prefix}/joined/{k}" for k in range(spec.parts)]
+        try:
+            store.set(keys[spec.index], b"1")
+            store.wait(keys, timedelta(seconds=join))
+        except Exception as exc:  # noqa: BLE001 - a store timeout is a RuntimeError/DistError
+            missing = [k for k, key in enumerate(keys) if not _store_has(store, key)]
+            who = f"rank(s) {', '.join(map(str, missing))}" if missing else "some ranks"
+            raise SplitJobError(
+                f"part {spec} of the distributed job waited {join} s at {where} but {who} of "
+                f"{spec.parts} never joined ({_first_line(exc)}); nothing was written: {hint}",
+                actual=missing,
+            ) from None
+        store.set_timeout(work)
+        dist.init_process_group(
+        self.spec = spec
+            "gloo", store=dist.PrefixStore(f"{prefix}/pg", store), rank=spec.index,
+            world_size=spec.parts, timeout=work,
+        )
+        return cls(dist, None, True, spec)
 
     def all_gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.dist.get_world_size(self.group)
@@ -721,9 +831,21 @@ def _run_grouped(group: _Group, spec, src, dst, setup, overwrite, workers, chunk
         work, mine, record, resumed = _run_local(spec, src, dst, setup, overwrite, workers, chunk_bytes, fsync, progress)
         payload: Any = ("ok", record.to_json())
     except Exception as exc:  # every rank must reach the collectives below
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _store_has(store: Any, key: str) -> bool:
+    try:
+        return bool(store.check([key]))
+    except Exception:  # noqa: BLE001 - the store itself may be gone
+        return False
+
+
         own_error = exc
         payload = _error_payload(exc)
-    gathered = group.all_gather(payload)
+    gathered = _collective(group.all_gather, payload, spec, dst, own_error, "their parts")
     outcome: Any = ("ok", "", "")
     if spec.index == 0:
         failed = [(k, p) for k, p in enumerate(gathered) if p[0] != "ok"]
@@ -733,13 +855,32 @@ def _run_grouped(group: _Group, spec, src, dst, setup, overwrite, workers, chunk
         else:
             try:
                 records = [
+def _collective(op: Callable[[Any], Any], obj: Any, spec: PartSpec, dst: Location,
+                own_error: BaseException | None, what: str) -> Any:
+    """Run one collective; a lost or timed-out peer becomes a SplitJobError (this rank's own
+    failure, when it had one, is the error that matters and is raised instead)."""
+    try:
+        return op(obj)
+    except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError/DistError subclasses
+        if own_error is not None:
+            raise own_error from None
+        raise SplitJobError(
+            f"part {spec} of the distributed job lost the other ranks while waiting for {what} "
+            f"({_first_line(exc)}); the job was not committed, so {dst.url} is incomplete: run "
+            f"all {spec.parts} ranks again (finished parts resume from their records under "
+            f"{dst.url_of(PARTS_DIR)}; ZERO_CKPT_PART_TIMEOUT_S bounds the wait, now "
+            f"{knobs.part_timeout_s()} s)",
+            path=dst.url,
+        ) from None
+
+
                     _Record.from_json(p[1], dst.url_of(work.job.record_path(k))) for k, p in enumerate(gathered)
                 ]
                 _commit(src, dst, work, records)
             except Exception as exc:
                 own_error = own_error or exc
                 outcome = _error_payload(exc)
-    outcome = group.broadcast(outcome)
+    outcome = _collective(group.broadcast, outcome, spec, dst, own_error, "rank 0's commit")
     if own_error is not None:
         raise own_error
     if outcome[0] != "ok":
