@@ -455,7 +455,11 @@ class GradReducer:
         self._ensure_part_grad(g)
         pending = sum(not all(w.is_completed() for w in item.works) for item in self._in_flight)
         with self._on_comm_stream(self.groups[g].device):
-            if len(plan.pieces) == self.comm.world_size and len({hi - lo for _, lo, hi in plan.pieces}) == 1:
+            if (
+                not self.comm.trivial
+                and len(plan.pieces) == self.comm.world_size
+                and len({hi - lo for _, lo, hi in plan.pieces}) == 1
+            ):
                 # this rank's piece lands at its own place: buckets in flight never share it
                 _, lo, hi = plan.pieces[self.comm.rank]
                 base = self.groups[g].layout.rank_range(self.comm.rank)[0]

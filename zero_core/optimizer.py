@@ -810,6 +810,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 local = torch.maximum(local, p.abs().max())
             self._comm.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
             total = local
+        elif self.world_size == 1:
+            # every param is whole here: torch's own computation (a norm per param, then the
+            # norm of those), so clipping is bit-identical to torch.nn.utils.clip_grad_norm_
+            norms = [
+                torch.linalg.vector_norm(
+                    reducer.part_grads[g][f.partition_start : f.partition_start + f.numel],
+                    norm_type,
+                )
+                for g, fg in enumerate(self._groups)
+                if reducer.has_grad[g]
+                for f in fg.layout.fragments_of_rank(0)
+            ]
+            total = (
+                torch.linalg.vector_norm(torch.stack(norms), norm_type)
+                if norms
+                else torch.zeros((), dtype=MASTER_DTYPE, device=device)
+            )
         else:
             local = torch.zeros((), dtype=MASTER_DTYPE, device=device)
             for p in parts:
