@@ -35,13 +35,18 @@ different jobs never mix: a part refuses a destination holding another job's ``_
 
 Destination rules for a part (unsplit jobs keep :func:`~zero_ckpt.storage.prepare_destination`):
 
-- without ``overwrite``: the destination must be empty, or hold ``_parts/<this job>/`` and
-  otherwise only outputs of this job (other parts' finished files, their temporary files, a
-  commit that crashed midway);
-- with ``overwrite``: every part may pass it, concurrently: it deletes what does not belong to
-  this job (a stale ``manifest.json`` or documents first, other jobs' ``_parts/``, other
-  files) and never this job's outputs or records, which may be another part's finished work.
-  A finished job rerun with ``overwrite`` starts over: every part must run again.
+- files zero-ckpt does not write (see :mod:`zero_ckpt.destination`) are never touched; one
+  inside a folder the job writes (``shards/`` of a reshard) is refused;
+- without ``overwrite``: the destination must hold no zero-ckpt files, or hold
+  ``_parts/<this job>/`` and otherwise only outputs of this job (other parts' finished files,
+  their temporary files, a commit that crashed midway);
+- with ``overwrite``: every part may pass it, concurrently: it deletes the zero-ckpt files
+  that do not belong to this job (a stale ``manifest.json`` or documents first, other jobs'
+  ``_parts/``, stale shards) and never this job's outputs or records, which may be another
+  part's finished work. A finished job rerun with ``overwrite`` starts over: every part must
+  run again;
+- a destination claimed by an unsplit job (its ``zero-ckpt-incomplete.json`` marker) is
+  refused while that job runs, or, without ``overwrite``, when it was interrupted.
 
 Resume: a part whose record exists (and whose files still have their recorded sizes) skips
 its files and goes straight to the commit step. To redo a job from scratch, empty the
@@ -72,7 +77,8 @@ from zero_ckpt.errors import (
 from zero_ckpt.manifest import FileMeta, Manifest
 from zero_ckpt.plan import FilePlan
 from zero_ckpt.safetensors_format import SafetensorsHeader
-from zero_ckpt.storage import Location, check_distinct, open_location
+from zero_ckpt.destination import CLAIM_NAME, check_claim, check_reads, is_tool_file, tool_files
+from zero_ckpt.storage import Location, open_location
 from zero_ckpt.transfer import (
     ProgressFn,
     ProgressTracker,
@@ -92,10 +98,10 @@ __all__ = [
     "parse_part",
     "part_from_env",
     "resolve_part",
-    "make_job",
     "DISTRIBUTED",
     "SplitJobError",
     "join_timeout_s",
+    "make_job",
     "run_part",
 ]
 
@@ -106,12 +112,12 @@ _JOB_FORMAT = "zero-ckpt-job"
 _RECORD_VERSION = 1
 
 
-# ----- pure: which part does what -------------------------------------------------------------
 class SplitJobError(CheckpointError, ValueError):
     """A split job cannot run as asked: its environment is incomplete, or its peers did not
     join (or were lost) within the timeout. Nothing was committed."""
 
 
+# ----- pure: which part does what -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -206,11 +212,11 @@ def part_from_env(env: Mapping[str, str] | None = None) -> PartSpec | None:
         ) from None
 
 
-def resolve_part(part: Any, env: Mapping[str, str] | None = None) -> PartSpec | None:
 DISTRIBUTED = "distributed"
 _GROUP_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def resolve_part(part: Any, env: Mapping[str, str] | None = None) -> PartSpec | None:
     """The ``part=`` argument of reshard/consolidate as a PartSpec, or None for the whole job.
 
     ``None``: the whole job in this process (whatever the environment holds); ``(i, n)``,
@@ -658,36 +664,55 @@ def _foreign_error(dst: Location, job: PartJob, foreign: list[str]) -> Destinati
 
 
 def _check_destination(src: Location, dst: Location, work: PartWork, overwrite: bool) -> None:
+    """A part's destination rules (see the module doc); foreign files (neither zero-ckpt
+    names nor this job's outputs) are never touched, and refused only inside a folder the job
+    writes (``shards/`` of a reshard)."""
     job = work.job
-    check_distinct(src, dst)  # parts cannot use prepare_destination: others may be writing
+    # parts cannot use prepare_destination: others may be writing
+    check_reads(dst, sources=(src,), files=[(src, f.path) for f in work.source_files])
     files = dst.list_files()
+    if CLAIM_NAME in files:
+        check_claim(dst, overwrite)  # an unsplit job holds it (or was interrupted)
     outputs = {f.path for f in work.files} | set(work.commit_outputs)
+    folders = ("shards",) if job.kind == "reshard" else ()
     ours = [rel for rel in files if _job_dir_of(rel) == job.id]
-    foreign_jobs = sorted({d for rel in files if (d := _job_dir_of(rel)) not in (None, job.id)})
-    strangers = [rel for rel in files if _job_dir_of(rel) is None and not _is_output(rel, outputs)]
+    tool = [rel for rel in tool_files(files, outputs) if _job_dir_of(rel) != job.id]
+    others = [rel for rel in tool if not _is_output(rel, outputs)]
+    strangers = [
+        rel for rel in files
+        if not is_tool_file(rel, outputs) and "/" in rel and rel.split("/", 1)[0] in folders
+    ]
+    if strangers:
+        raise DestinationExistsError(
+            f"{dst.url_of(strangers[0])} is not a file zero-ckpt writes but lies in "
+            f"{strangers[0].split('/', 1)[0]}/, which this job writes; move it out of {dst.url} "
+            "or choose another destination",
+            path=dst.url_of(strangers[0]),
+        )
     if overwrite:
         if not ours:  # a stale "complete" marker goes first, as in prepare_destination
             for name in work.commit_outputs:
                 dst.remove(name)
-        for rel in files:
-            if _job_dir_of(rel) not in (None, job.id) or rel in strangers:
-                dst.remove(rel)
+        for rel in others:  # commit points first (tool_files' order)
+            dst.remove(rel)
         dst.makedirs()
         return
+    foreign_jobs = sorted({d for rel in files if (d := _job_dir_of(rel)) not in (None, job.id)})
     if foreign_jobs:
         raise _foreign_error(dst, job, foreign_jobs)
-    if files and not ours:
+    if tool and not ours:
         raise DestinationExistsError(
-            f"destination {dst.url} already exists and is not empty (and holds no parts of job "
-            f"{job.id}); choose a new path or pass --overwrite (overwrite=True) to replace it",
-            path=dst.url,
+            f"destination {dst.url} already exists and is not empty: it holds zero-ckpt output "
+            f"({tool[0]!r}) and no parts of job {job.id}; choose a new path or pass --overwrite "
+            "(overwrite=True) to replace it (files zero-ckpt does not write are kept)",
+            path=dst.url_of(tool[0]),
         )
-    if strangers:
+    if others:
         raise DestinationExistsError(
-            f"destination {dst.url} holds parts of job {job.id} but also {strangers[0]!r}"
-            f"{f' and {len(strangers) - 1} more files' if len(strangers) > 1 else ''} that no "
+            f"destination {dst.url} holds parts of job {job.id} but also {others[0]!r}"
+            f"{f' and {len(others) - 1} more files' if len(others) > 1 else ''} that no "
             "part of it writes; remove them or pass --overwrite (overwrite=True)",
-            path=dst.url_of(strangers[0]),
+            path=dst.url_of(others[0]),
         )
     dst.makedirs()
 
@@ -695,32 +720,6 @@ def _check_destination(src: Location, dst: Location, work: PartWork, overwrite: 
 # ----- torchrun: a gloo process group ----------------------------------------------------------
 
 
-class _Group:
-    """The job's gloo process group (created here, or a gloo group beside an existing one)."""
-
-    def __init__(self, dist: Any, group: Any, created_default: bool, spec: PartSpec | None = None) -> None:
-        self.dist = dist
-        self.group = group
-        self.created_default = created_default
-
-    @classmethod
-    def open(cls, spec: PartSpec) -> "_Group | None":
-        """None for a part without a process group (``--part``); else join the torchrun
-        ranks. SplitJobError when torch.distributed is unavailable or a peer does not join
-        within :func:`join_timeout_s` (nothing has been written by then)."""
-        if not spec.from_env:
-            return None
-        try:
-            import torch.distributed as dist
-        except ImportError:
-            dist = None
-        if dist is None or not dist.is_available():
-            raise SplitJobError(
-                f"part {spec} of a distributed job needs torch.distributed, which this torch "
-                "build lacks; install a torch with distributed support or pass --part I/N"
-            )
-        work = timedelta(seconds=knobs.part_timeout_s())
-        if dist.is_initialized():
 _JOIN_TIMEOUT_ENV = "ZERO_CKPT_PART_JOIN_TIMEOUT_S"
 _JOIN_TIMEOUT_DEFAULT_S = 300
 _opened_groups = 0  # one join key space per group this process opens (same order on every rank)
@@ -749,6 +748,33 @@ def join_timeout_s(env: Mapping[str, str] | None = None) -> int:
     return value
 
 
+class _Group:
+    """The job's gloo process group (created here, or a gloo group beside an existing one)."""
+
+    def __init__(self, dist: Any, group: Any, created_default: bool, spec: PartSpec | None = None) -> None:
+        self.dist = dist
+        self.group = group
+        self.created_default = created_default
+        self.spec = spec
+
+    @classmethod
+    def open(cls, spec: PartSpec) -> "_Group | None":
+        """None for a part without a process group (``--part``); else join the torchrun
+        ranks. SplitJobError when torch.distributed is unavailable or a peer does not join
+        within :func:`join_timeout_s` (nothing has been written by then)."""
+        if not spec.from_env:
+            return None
+        try:
+            import torch.distributed as dist
+        except ImportError:
+            dist = None
+        if dist is None or not dist.is_available():
+            raise SplitJobError(
+                f"part {spec} of a distributed job needs torch.distributed, which this torch "
+                "build lacks; install a torch with distributed support or pass --part I/N"
+            )
+        work = timedelta(seconds=knobs.part_timeout_s())
+        if dist.is_initialized():
             if (dist.get_rank(), dist.get_world_size()) != (spec.index, spec.parts):
                 raise SplitJobError(
                     f"the process group has rank {dist.get_rank()} of {dist.get_world_size()}, "
@@ -788,7 +814,6 @@ def join_timeout_s(env: Mapping[str, str] | None = None) -> int:
             ) from None
         store.set_timeout(work)
         dist.init_process_group(
-        self.spec = spec
             "gloo", store=dist.PrefixStore(f"{prefix}/pg", store), rank=spec.index,
             world_size=spec.parts, timeout=work,
         )
@@ -811,26 +836,6 @@ def join_timeout_s(env: Mapping[str, str] | None = None) -> int:
             self.dist.destroy_process_group(self.group)
 
 
-def _error_payload(exc: BaseException) -> tuple[str, str, str]:
-    return ("error", type(exc).__name__, str(exc))
-
-
-def _raise_payload(payload: tuple[str, str, str], prefix: str) -> None:
-    _, name, message = payload
-    cls = getattr(_errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
-        cls = CheckpointError
-    raise cls(f"{prefix}{message}")
-
-
-def _run_grouped(group: _Group, spec, src, dst, setup, overwrite, workers, chunk_bytes, fsync, progress) -> PartResult:
-    """Collective: every rank runs its part, records are gathered, rank 0 commits and tells
-    everyone the outcome (so no rank returns before the commit)."""
-    own_error: BaseException | None = None
-    try:
-        work, mine, record, resumed = _run_local(spec, src, dst, setup, overwrite, workers, chunk_bytes, fsync, progress)
-        payload: Any = ("ok", record.to_json())
-    except Exception as exc:  # every rank must reach the collectives below
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
@@ -843,18 +848,18 @@ def _store_has(store: Any, key: str) -> bool:
         return False
 
 
-        own_error = exc
-        payload = _error_payload(exc)
-    gathered = _collective(group.all_gather, payload, spec, dst, own_error, "their parts")
-    outcome: Any = ("ok", "", "")
-    if spec.index == 0:
-        failed = [(k, p) for k, p in enumerate(gathered) if p[0] != "ok"]
-        if failed:
-            k, p = failed[0]
-            outcome = ("error", p[1], f"part {k}/{spec.parts} failed, so the job was not committed: {p[2]}")
-        else:
-            try:
-                records = [
+def _error_payload(exc: BaseException) -> tuple[str, str, str]:
+    return ("error", type(exc).__name__, str(exc))
+
+
+def _raise_payload(payload: tuple[str, str, str], prefix: str) -> None:
+    _, name, message = payload
+    cls = getattr(_errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
+        cls = CheckpointError
+    raise cls(f"{prefix}{message}")
+
+
 def _collective(op: Callable[[Any], Any], obj: Any, spec: PartSpec, dst: Location,
                 own_error: BaseException | None, what: str) -> Any:
     """Run one collective; a lost or timed-out peer becomes a SplitJobError (this rank's own
@@ -874,6 +879,26 @@ def _collective(op: Callable[[Any], Any], obj: Any, spec: PartSpec, dst: Locatio
         ) from None
 
 
+def _run_grouped(group: _Group, spec, src, dst, setup, overwrite, workers, chunk_bytes, fsync, progress) -> PartResult:
+    """Collective: every rank runs its part, records are gathered, rank 0 commits and tells
+    everyone the outcome (so no rank returns before the commit)."""
+    own_error: BaseException | None = None
+    try:
+        work, mine, record, resumed = _run_local(spec, src, dst, setup, overwrite, workers, chunk_bytes, fsync, progress)
+        payload: Any = ("ok", record.to_json())
+    except Exception as exc:  # every rank must reach the collectives below
+        own_error = exc
+        payload = _error_payload(exc)
+    gathered = _collective(group.all_gather, payload, spec, dst, own_error, "their parts")
+    outcome: Any = ("ok", "", "")
+    if spec.index == 0:
+        failed = [(k, p) for k, p in enumerate(gathered) if p[0] != "ok"]
+        if failed:
+            k, p = failed[0]
+            outcome = ("error", p[1], f"part {k}/{spec.parts} failed, so the job was not committed: {p[2]}")
+        else:
+            try:
+                records = [
                     _Record.from_json(p[1], dst.url_of(work.job.record_path(k))) for k, p in enumerate(gathered)
                 ]
                 _commit(src, dst, work, records)
