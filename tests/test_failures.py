@@ -133,6 +133,7 @@ def test_world_size_below_one(src: Path, tmp_path: Path, ws: int) -> None:
 
 @pytest.mark.parametrize("job", ["reshard", "consolidate"])
 def test_destination_exists_without_overwrite_then_with(src: Path, tmp_path: Path, job: str) -> None:
+    # A user's file is never touched; zero-ckpt's own output needs --overwrite to be replaced.
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("user data")
@@ -142,19 +143,22 @@ def test_destination_exists_without_overwrite_then_with(src: Path, tmp_path: Pat
             return zero_ckpt.reshard(str(src), str(dst), world_size=3, **kw)
         return zero_ckpt.consolidate(str(src), str(dst), **kw)
 
+    with unchanged(src):
+        run()
+    before = {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()}
     with unchanged(src), pytest.raises(DestinationExistsError) as info:
         run()
     msg = str(info.value)
     assert str(dst) in msg and "already exists" in msg and "overwrite" in msg
     assert isinstance(info.value, FileExistsError)
-    assert (dst / "keep.txt").read_text() == "user data"
+    assert {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()} == before
     with unchanged(src):
         run(overwrite=True)
-    assert not (dst / "keep.txt").exists()
+    assert (dst / "keep.txt").read_text() == "user data"
     if job == "reshard":
         assert zero_ckpt.verify(str(dst)).ok
     else:
-        assert all_files(dst) == ["model.safetensors"]
+        assert all_files(dst) == ["keep.txt", "model.safetensors"]
 
 
 def test_empty_existing_destination_is_fine(src: Path, tmp_path: Path) -> None:

@@ -242,12 +242,15 @@ def test_a_part_of_another_job_is_refused(src, reference, tmp_path):
         with pytest.raises(DestinationExistsError, match=f"another job.*reshard {SRC_WS} -> {DST_WS}"):
             other()
         assert dir_bytes(dst) == before  # nothing of the first job touched
-    # unrelated files next to a job's parts are refused too
-    Path(dst, "notes.txt").write_text("mine")
-    with pytest.raises(DestinationExistsError, match="notes.txt"):
+    # a foreign file inside the shards/ folder the job writes is refused; one outside is kept
+    Path(dst, "shards", "notes.txt").write_text("mine")
+    with pytest.raises(DestinationExistsError, match="shards/notes.txt is not a file zero-ckpt writes"):
         run("reshard", src, dst, (1, 2))
-    Path(dst, "notes.txt").unlink()
+    Path(dst, "shards", "notes.txt").unlink()
+    Path(dst, "notes.txt").write_text("mine")
     assert run("reshard", src, dst, (1, 2)).committed
+    assert Path(dst, "notes.txt").read_text() == "mine"
+    Path(dst, "notes.txt").unlink()
     assert dir_bytes(dst) == reference["reshard"]
     # a finished job's destination is not empty: a new part is refused
     with pytest.raises(DestinationExistsError, match="not empty"):
@@ -264,13 +267,15 @@ def test_overwrite_discards_what_is_not_this_jobs_but_keeps_other_parts_work(src
         run("reshard", src, dst, (1, 3))
     first = run("reshard", src, dst, (1, 3), overwrite=True)
     names = set(dir_bytes(dst))
-    assert "manifest.json" not in names and "stray.bin" not in names
+    assert "manifest.json" not in names and "stray.bin" in names  # foreign files are kept
     assert not any(n.startswith(f"{PARTS_DIR}/{foreign.job}") for n in names)
     assert "shards/rank-00000-of-00002.safetensors" not in names
     assert set(first.files) <= names
     second = run("reshard", src, dst, (0, 3), overwrite=True)  # concurrent-safe: keeps part 1's
     assert set(first.files) <= set(dir_bytes(dst)) and not second.committed
     assert run("reshard", src, dst, (2, 3), overwrite=True).committed
+    assert Path(dst, "stray.bin").read_bytes() == b"x"
+    Path(dst, "stray.bin").unlink()
     assert dir_bytes(dst) == reference["reshard"]
 
 

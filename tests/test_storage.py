@@ -288,25 +288,37 @@ def test_prepare_missing_or_empty_destination(base: str) -> None:
     prepare_destination(None, dst, overwrite=False)  # empty: still fine
 
 
-def test_prepare_refuses_non_empty_destination(base: str) -> None:
+def test_prepare_refuses_zero_ckpt_files_and_keeps_foreign_ones(base: str) -> None:
     dst = Location(base + "/out")
     dst.write_atomic("old/keep.bin", b"keep")
+    prepare_destination(None, dst, overwrite=False)  # a foreign file alone is fine
+    dst.write_atomic("manifest.json", b"{}")
     with pytest.raises(DestinationExistsError) as info:
         prepare_destination(None, dst, overwrite=False)
     msg = str(info.value)
-    assert dst.url in msg and "already exists and is not empty" in msg and "overwrite" in msg
-    assert dst.read_bytes("old/keep.bin") == b"keep"
+    assert dst.url in msg and "already exists" in msg and "'manifest.json'" in msg and "overwrite" in msg
+    assert dst.read_bytes("old/keep.bin") == b"keep" and dst.read_bytes("manifest.json") == b"{}"
 
 
-def test_prepare_overwrite_clears(base: str) -> None:
+def test_prepare_overwrite_removes_only_zero_ckpt_files(base: str) -> None:
     dst = Location(base + "/out")
     dst.write_atomic("manifest.json", b"{}")
-    dst.write_atomic("shards/a.bin", b"a")
+    dst.write_atomic("shards/rank-00000-of-00002.safetensors", b"a")
+    dst.write_atomic("notes/readme.md", b"mine")
     prepare_destination(None, dst, overwrite=True)
-    assert dst.list_files() == []
+    assert dst.list_files() == ["notes/readme.md"]
     assert dst.exists()
     dst.write_atomic("x", b"x")  # usable afterwards
-    assert dst.list_files() == ["x"]
+    assert dst.list_files() == ["notes/readme.md", "x"]
+
+
+def test_prepare_refuses_a_foreign_file_in_a_folder_it_writes(base: str) -> None:
+    dst = Location(base + "/out")
+    dst.write_atomic("shards/a.bin", b"a")
+    for overwrite in (False, True):
+        with pytest.raises(DestinationExistsError, match="shards/a.bin is not a file zero-ckpt writes"):
+            prepare_destination(None, dst, overwrite=overwrite)
+    assert dst.read_bytes("shards/a.bin") == b"a"
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

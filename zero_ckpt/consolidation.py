@@ -19,7 +19,8 @@ from zero_ckpt.manifest import Manifest
 from zero_ckpt.parts import PartResult, PartSpec, PartWork, make_job, resolve_part, run_part
 from zero_ckpt.plan import ConsolidatePlan, plan_consolidate
 from zero_ckpt.safetensors_format import SafetensorsHeader
-from zero_ckpt.storage import Location, open_location, prepare_destination
+from zero_ckpt.destination import check_reads, claim_destination, prepare_output
+from zero_ckpt.storage import Location, open_location
 from zero_ckpt.transfer import (
     ProgressFn,
     ProgressTracker,
@@ -83,24 +84,34 @@ def consolidate(
                 progress=progress,
             )
         manifest, by_path, header_crcs, plan = _plan(s, dtype, max_shard_size, include_optimizer)
-        prepare_destination(s, d, overwrite)
-        checks = SourceChecks()
-        tracker = ProgressTracker(progress, sum(op.src_nbytes for f in plan.files for op in f.ops))
-        written = run_file_plans(
-            s, d, plan.files, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
-            checks=checks, fsync=fsync,
-        )
-        try:
-            raise_problems(checks.problems(s, _source_files(manifest), by_path, header_crcs), CorruptShardError)
-            for name, data in plan.documents.items():
-                d.write_atomic(name, data)
-        except BaseException:
-            for path in [*written, *plan.documents]:
-                d.remove(path)
-            raise
+        check_reads(d, sources=(s,), files=[(s, f.path) for f in _source_files(manifest)])
+        with claim_destination(d, "consolidate", overwrite):
+            prepare_output(d, overwrite, folders=())
+            checks = SourceChecks()
+            tracker = ProgressTracker(progress, sum(op.src_nbytes for f in plan.files for op in f.ops))
+            written = run_file_plans(
+                s, d, plan.files, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
+                checks=checks, fsync=fsync,
+            )
+            try:
+                raise_problems(
+                    checks.problems(s, _source_files(manifest), by_path, header_crcs), CorruptShardError
+                )
+                for name, data in _documents_in_order(plan.documents):
+                    d.write_atomic(name, data)
+            except BaseException:
+                for path in [*written, *plan.documents]:
+                    d.remove(path)
+                raise
     names = [f.path for f in plan.files] + list(plan.documents)
     total = sum(w.bytes for w in written.values()) + sum(len(b) for b in plan.documents.values())
     return ConsolidateResult(out, names, total)
+
+
+def _documents_in_order(documents: Mapping[str, bytes]) -> list[tuple[str, bytes]]:
+    """The model index last: the output is complete once it (and then the marker's removal)
+    is there."""
+    return sorted(documents.items(), key=lambda kv: kv[0] == "model.safetensors.index.json")
 
 
 def _source_files(manifest: Manifest) -> list:
@@ -135,7 +146,7 @@ def _part_work(
     job = make_job("consolidate", options, manifest, parts, __version__, summary)
 
     def commit(written: Mapping[str, WrittenFile]) -> None:
-        for name, data in plan.documents.items():
+        for name, data in _documents_in_order(plan.documents):
             d.write_atomic(name, data)
 
     return PartWork(

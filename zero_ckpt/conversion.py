@@ -26,7 +26,8 @@ from zero_ckpt.formats.deepspeed import DeepSpeedView, read_deepspeed
 from zero_ckpt.manifest import MANIFEST_NAME, MODEL_FILE_NAME, Manifest
 from zero_ckpt.plan import CopyOp, FilePlan, plan_reshard
 from zero_ckpt.safetensors_format import SafetensorsHeader, build_header
-from zero_ckpt.storage import Location, open_location, prepare_destination
+from zero_ckpt.destination import check_reads, claim_destination, prepare_output
+from zero_ckpt.storage import Location, open_location
 from zero_ckpt.transfer import ProgressFn, ProgressTracker, run_file_plans
 
 __all__ = ["convert", "consolidate_source", "plan_model_file", "check_format"]
@@ -121,11 +122,20 @@ def convert(
         if fmt == "torch":
             from zero_ckpt.formats.torch_optim import import_torch_files
 
-            return import_torch_files(
-                src, dst, world_size=world_size or 1, model=model, param_names=param_names,
-                overwrite=overwrite, storage_options=storage_options,
-                dst_storage_options=dst_storage_options, fsync=fsync,
-            )
+            d_opts = storage_options if dst_storage_options is None else dst_storage_options
+            reads = [(src, storage_options)] + [
+                (u, storage_options) for u in (model, param_names) if isinstance(u, str)
+            ]
+            with open_location(dst, d_opts) as d:
+                # the source file or folder, --model and --param-names: none may be in dst
+                check_reads(d, urls=reads)
+                with claim_destination(d, "convert", overwrite):
+                    return import_torch_files(
+                        src, dst, world_size=world_size or 1, model=model,
+                        param_names=param_names, overwrite=overwrite,
+                        storage_options=storage_options, dst_storage_options=dst_storage_options,
+                        fsync=fsync,
+                    )
         if model is not None or param_names is not None:
             raise CheckpointError(
                 f"{src} is a {fmt} checkpoint; model= and param_names= apply to plain torch "
@@ -163,7 +173,26 @@ def _convert_view(
     files = list(plan.files)
     if view.model_header is not None and source.model_file is not None:
         files.append(plan_model_file(source.model_file.path, view.model_header))
-    prepare_destination(s, d, overwrite)
+    check_reads(d, sources=(s,), files=[(s, f.path) for f in source.shards]
+                + ([(s, source.model_file.path)] if source.model_file else []))
+    with claim_destination(d, "convert", overwrite):
+        prepare_output(d, overwrite, folders=("shards",))
+        return _write_view(s, d, view, plan, files, progress, workers, chunk_bytes, fsync, src)
+
+
+def _write_view(
+    s: Location,
+    d: Location,
+    view: DeepSpeedView,
+    plan: Any,
+    files: list[FilePlan],
+    progress: ProgressFn | None,
+    workers: int | None,
+    chunk_bytes: int | None,
+    fsync: bool | None,
+    src: str,
+) -> Manifest:
+    source = view.manifest
     tracker = ProgressTracker(progress, sum(f.data_bytes for f in files))
     written = run_file_plans(
         s, d, files, workers=workers, chunk_bytes=chunk_bytes, progress=tracker, fsync=fsync
@@ -229,12 +258,16 @@ def consolidate_source(
     if format == "torch":
         from zero_ckpt.formats.torch_optim import export_torch
 
-        return export_torch(
-            src, out, from_format=from_format, model_format=model_format, dtype=dtype,
-            max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
-            storage_options=storage_options, out_storage_options=out_storage_options,
-            workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
-        ).files
+        o_opts = storage_options if out_storage_options is None else out_storage_options
+        with open_location(src, storage_options) as s, open_location(out, o_opts) as d:
+            check_reads(d, sources=(s,))
+            with claim_destination(d, "consolidate", overwrite):
+                return export_torch(
+                    src, out, from_format=from_format, model_format=model_format, dtype=dtype,
+                    max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                    storage_options=storage_options, out_storage_options=out_storage_options,
+                    workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
+                ).files
     if format != "safetensors":
         raise CheckpointError(f"unknown output format {format!r}; choose 'safetensors' or 'torch'")
     with open_location(src, storage_options) as s:

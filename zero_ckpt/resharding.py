@@ -17,7 +17,8 @@ from zero_ckpt.manifest import MANIFEST_NAME, MODEL_FILE_NAME, Manifest
 from zero_ckpt.parts import PartResult, PartSpec, PartWork, make_job, resolve_part, run_part
 from zero_ckpt.plan import ReshardPlan, plan_reshard
 from zero_ckpt.safetensors_format import SafetensorsHeader
-from zero_ckpt.storage import Location, open_location, prepare_destination
+from zero_ckpt.destination import check_reads, claim_destination, prepare_output
+from zero_ckpt.storage import Location, open_location
 from zero_ckpt.transfer import (
     ProgressFn,
     ProgressTracker,
@@ -85,24 +86,26 @@ def reshard(
                 result = replace(result, manifest=load_manifest(d))
             return result
         manifest, headers, header_crcs, plan = _plan(s, world_size, expected_world_size)
-        prepare_destination(s, d, overwrite)
-        checks = SourceChecks()
-        tracker = ProgressTracker(progress, sum(f.data_bytes for f in plan.files))
-        written = run_file_plans(
-            s, d, plan.files, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
-            checks=checks, fsync=fsync,
-        )
-        try:
-            raise_problems(
-                checks.problems(s, _source_files(manifest), _by_path(manifest, headers), header_crcs),
-                CorruptShardError,
+        check_reads(d, sources=(s,), files=[(s, f.path) for f in _source_files(manifest)])
+        with claim_destination(d, "reshard", overwrite):
+            prepare_output(d, overwrite, folders=("shards",))
+            checks = SourceChecks()
+            tracker = ProgressTracker(progress, sum(f.data_bytes for f in plan.files))
+            written = run_file_plans(
+                s, d, plan.files, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
+                checks=checks, fsync=fsync,
             )
-            target = _target(manifest, plan, written, d)
-            d.write_atomic(MANIFEST_NAME, target.to_json().encode())
-        except BaseException:
-            for path in written:
-                d.remove(path)
-            raise
+            try:
+                raise_problems(
+                    checks.problems(s, _source_files(manifest), _by_path(manifest, headers), header_crcs),
+                    CorruptShardError,
+                )
+                target = _target(manifest, plan, written, d)
+                d.write_atomic(MANIFEST_NAME, target.to_json().encode())
+            except BaseException:
+                for path in written:
+                    d.remove(path)
+                raise
     return target
 
 

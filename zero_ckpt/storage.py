@@ -332,25 +332,29 @@ def check_distinct(src: Location, dst: Location) -> None:
             )
 
 
-def prepare_destination(src: Location | None, dst: Location, overwrite: bool) -> None:
-    """Make ``dst`` ready for a new checkpoint or output set.
+def prepare_destination(
+    src: Location | None,
+    dst: Location,
+    overwrite: bool,
+    *,
+    outputs: Any = (),
+    folders: Any = ("shards",),
+) -> None:
+    """Make ``dst`` ready for a new checkpoint or output set, owning only what zero-ckpt writes.
 
-    Refuses a destination that is the source or contains it, and a non-empty one unless
-    ``overwrite``; with ``overwrite`` the old ``manifest.json`` goes first, so a crash
-    midway leaves something recognisably incomplete rather than a stale "complete" one.
+    Refuses a destination that is the source, inside it or contains it; one holding files
+    zero-ckpt writes (``manifest.json``, shards, ``model*.safetensors`` ..., or ``outputs``)
+    unless ``overwrite``; and a file it does not write inside one of ``folders``. With
+    ``overwrite`` exactly those zero-ckpt files go, the commit points (``manifest.json``,
+    indexes) first, so a crash midway never leaves a stale "complete" one; every other file
+    stays. See :mod:`zero_ckpt.destination` for the rules and the claim marker.
     """
-    if src is not None:
-        check_distinct(src, dst)
-    if dst.list_files():
-        if not overwrite:
-            raise DestinationExistsError(
-                f"destination {dst.url} already exists and is not empty; choose a new path or "
-                "pass --overwrite (overwrite=True) to replace it",
-                path=dst.url,
-            )
-        dst.remove("manifest.json")
-        dst.remove_all()
-    dst.makedirs()
+    from zero_ckpt.destination import prepare_output  # it builds on this module
+
+    prepare_output(
+        dst, overwrite, outputs=outputs, folders=tuple(folders),
+        sources=(src,) if src is not None else (),
+    )
 
 
 class FileWriter:
