@@ -395,8 +395,13 @@ def test_cli_list_table_and_json(run):
 
 def test_cli_list_errors_and_warnings(run):
     root, so = run
+    result = _cli(run, root)  # a path that does not exist is an error, not an empty listing
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"error: no run directory at {root}: the path does not exist")
+    _loc(run).write_atomic("README", b"not a checkpoint")
     result = _cli(run, root)
     assert result.exit_code == 0 and result.stdout.strip() == f"no checkpoints in {root}"
+    _loc(run).remove("README")
 
     _save(run, "step-1", 1)
     _loc(run).write_atomic(LATEST_NAME, b"step-7\n")

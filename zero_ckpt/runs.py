@@ -39,6 +39,8 @@ from zero_ckpt.storage import Location, open_location
 
 __all__ = [
     "LATEST_NAME",
+    "CHECKPOINT_KINDS",
+    "NOT_A_CHECKPOINT",
     "CheckpointInfo",
     "RunListing",
     "RunDirectoryError",
@@ -52,7 +54,18 @@ __all__ = [
 ]
 
 LATEST_NAME = "latest"
+CHECKPOINT_KINDS = ("zero-ckpt", "deepspeed")
+NOT_A_CHECKPOINT = "not-a-checkpoint"
 _SHARDS_DIR = "shards"
+_PARTS_DIR = "_parts"
+_CLAIM_MARKER = "zero-ckpt-incomplete.json"  # a job's claim on its destination (storage)
+_DS_OPTIM = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_DS_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_DS_MODEL_FILE = "mp_rank_00_model_states.pt"
+_HF_FILE = re.compile(
+    r"^(config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)"
+    r"|(model|pytorch_model)\.(safetensors|bin)\.index\.json)$"
+)
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
 
@@ -71,6 +84,14 @@ class CheckpointInfo:
     ``step`` and ``world_size`` come from the manifest (None without a valid one). ``bytes``:
     the shard and model file sizes the manifest records when complete, else the sizes of the
     files present. ``files``: how many files the directory holds.
+
+    ``kind``: ``"zero-ckpt"`` (format v1, as above); ``"deepspeed"`` (a DeepSpeed ZeRO tag
+    folder such as ``global_step1200``: ``step`` from its name, ``world_size`` from its
+    ``*_optim_states.pt`` files, complete when every rank's file and
+    ``mp_rank_00_model_states.pt`` are there, ``bytes`` the files' sizes); or, for folders that
+    are not checkpoints (``status`` ``"not-a-checkpoint"``), ``"hf"`` (consolidated weights:
+    ``config.json``/``model*.safetensors``/``pytorch_model*.bin``) and ``"folder"`` (anything
+    else; ``problem`` may say what it holds).
     """
 
     name: str
@@ -82,15 +103,22 @@ class CheckpointInfo:
     files: int
     is_latest: bool = False
     problem: str | None = None
+    kind: str = "zero-ckpt"
 
     @property
     def complete(self) -> bool:
         return self.status == "complete"
 
+    @property
+    def is_checkpoint(self) -> bool:
+        """A checkpoint (format v1 or DeepSpeed), as opposed to another folder."""
+        return self.kind in CHECKPOINT_KINDS
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (what ``zero-ckpt list --json`` prints per checkpoint)."""
         return {
             "name": self.name,
+            "kind": self.kind,
             "url": self.url,
             "complete": self.complete,
             "status": self.status,
@@ -105,20 +133,27 @@ class CheckpointInfo:
 
 @dataclass(frozen=True)
 class RunListing:
-    """A run directory as :func:`scan_run` found it: its checkpoints (oldest first), the name
-    ``latest`` holds (None without the file or when it is damaged) and every problem with the
-    pointer (damaged, or naming a checkpoint that is missing or not complete)."""
+    """A run directory as :func:`scan_run` found it: its checkpoints (format v1 and DeepSpeed,
+    oldest first), the name ``latest`` holds (None without the file or when it is damaged),
+    every problem with the pointer (damaged, or naming a checkpoint that is missing or not
+    complete), the folders beside them that are not checkpoints (``others``, by name) and, for
+    ``s3://`` roots, the multipart uploads left open under the root (``pending_uploads``,
+    None where not looked up)."""
 
     root: str
     checkpoints: tuple[CheckpointInfo, ...]
     latest: str | None
     problems: tuple[str, ...] = ()
+    others: tuple[CheckpointInfo, ...] = ()
+    pending_uploads: tuple[dict[str, Any], ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "root": self.root,
             "latest": self.latest,
             "checkpoints": [c.to_dict() for c in self.checkpoints],
+            "others": [c.to_dict() for c in self.others],
+            "pending_uploads": None if self.pending_uploads is None else list(self.pending_uploads),
             "problems": list(self.problems),
         }
 
@@ -184,22 +219,32 @@ def resolve_checkpoint(url: str, storage_options: dict[str, Any] | None = None) 
 def list_checkpoints(
     root: str, storage_options: dict[str, Any] | None = None
 ) -> list[CheckpointInfo]:
-    """Every checkpoint under the run directory ``root``, oldest first (see the module doc for
-    the order), complete or not; ``[]`` when ``root`` is empty or absent.
+    """Every checkpoint (format v1 or DeepSpeed tag folder) under the run directory ``root``,
+    oldest first (see the module doc for the order), complete or not; ``[]`` when ``root``
+    is empty or absent. Folders that are not checkpoints are left out (see :func:`scan_run`).
 
     One recursive listing of ``root``, then each ``manifest.json`` read once (in parallel).
     A damaged manifest is reported (``status="invalid"``), never raised; storage failures are
     raised. RunDirectoryError when ``root`` is itself a checkpoint.
     """
-    return list(scan_run(root, storage_options).checkpoints)
+    with open_location(root, storage_options) as run:
+        return _list(run)[0]
 
 
 def scan_run(root: str, storage_options: dict[str, Any] | None = None) -> RunListing:
-    """:func:`list_checkpoints` plus the ``latest`` pointer and its problems (what
-    ``zero-ckpt list`` shows). Never raises for a damaged pointer: it is reported."""
+    """:func:`list_checkpoints` plus the ``latest`` pointer and its problems, the folders that
+    are not checkpoints and, for ``s3://`` roots, pending multipart uploads (what ``zero-ckpt
+    list`` shows). Never raises for a damaged pointer: it is reported.
+
+    RunDirectoryError naming ``root`` when it does not exist, is a file, or is itself a
+    checkpoint (format v1 or a DeepSpeed tag folder).
+    """
     with open_location(root, storage_options) as run:
-        infos, latest, _, problems = _list(run)
-        return RunListing(run.url, tuple(infos), latest, tuple(problems))
+        infos, latest, _, problems, others = _list(run, require_root=True)
+        return RunListing(
+            run.url, tuple(infos), latest, tuple(problems), tuple(others),
+            _pending_uploads(run, storage_options),
+        )
 
 
 def plan_retention(
@@ -249,8 +294,10 @@ def apply_retention(
     """
     _check_keep_last(keep_last)
     with open_location(root, storage_options) as run:
-        infos, latest, foreign, _ = _list(run, strict_latest=True)
-        # Directories holding files a save never writes are someone else's: never deleted.
+        infos, latest, foreign, _, _ = _list(run, strict_latest=True)
+        # Directories holding files a save never writes are someone else's: never deleted;
+        # neither are DeepSpeed checkpoints (another tool's saves) nor other folders.
+        infos = [c for c in infos if c.kind == "zero-ckpt"]
         doomed = plan_retention(infos, keep_last, latest, keep=foreign)
         if dry_run:
             return doomed
@@ -417,20 +464,25 @@ def _refuse_run_without_latest(loc: Location) -> None:
 
 
 def _list(
-    run: Location, strict_latest: bool = False
-) -> tuple[list[CheckpointInfo], str | None, set[str], list[str]]:
-    """(checkpoints in order, the name ``latest`` holds, names of checkpoints that also hold
-    files a save never writes, problems with ``latest``). Directories without any file a
-    checkpoint holds are not checkpoints and are skipped. ``strict_latest``: raise for a
-    damaged ``latest`` instead of reporting it."""
+    run: Location, strict_latest: bool = False, require_root: bool = False
+) -> tuple[list[CheckpointInfo], str | None, set[str], list[str], list[CheckpointInfo]]:
+    """(checkpoints in order, the name ``latest`` holds, names of format-v1 checkpoints that
+    also hold files a save never writes, problems with ``latest``, folders that are not
+    checkpoints by name). ``strict_latest``: raise for a damaged ``latest`` instead of
+    reporting it. ``require_root``: RunDirectoryError when ``root`` is missing or a file."""
+    if require_root:
+        _check_root_is_not_a_file(run)
     top, groups = _group_by_checkpoint(run.list_files())
-    groups = {n: fs for n, fs in groups.items() if any(_is_save_file(f) for f in fs)}
-    if MANIFEST_NAME in top:
+    if require_root and not top and not groups:
+        _check_root_exists(run)
+    if MANIFEST_NAME in top or any(_DS_OPTIM.match(f) for f in top):
+        what = "a checkpoint" if MANIFEST_NAME in top else "a DeepSpeed checkpoint (tag folder)"
         raise RunDirectoryError(
-            f"{run.url} is a checkpoint, not a run directory of checkpoints; list its parent "
+            f"{run.url} is {what}, not a run directory of checkpoints; list its parent "
             "directory, or use `zero-ckpt inspect` on it",
             path=run.url,
         )
+    kinds = {n: _kind_of(fs) for n, fs in groups.items()}
     latest: str | None = None
     problems: list[str] = []
     if LATEST_NAME in top:
@@ -440,7 +492,7 @@ def _list(
             if strict_latest:
                 raise
             problems.append(str(exc))
-    names = sorted(groups, key=_natural)
+    names = sorted((n for n in groups if kinds[n] == "zero-ckpt"), key=_natural)
 
     def read_manifest(name: str) -> bytes | None:
         if MANIFEST_NAME not in groups[name]:
@@ -473,16 +525,146 @@ def _list(
             problem=problem,
         )
         infos.append(info)
+    others = []
+    for name in sorted(groups, key=_natural):
+        kind = kinds[name]
+        if kind == "deepspeed":
+            infos.append(_describe_deepspeed(run, name, groups[name], name == latest))
+        elif kind != "zero-ckpt":
+            others.append(
+                CheckpointInfo(
+                    name=name, url=run.url_of(name), status=NOT_A_CHECKPOINT, step=None,
+                    world_size=None, bytes=_present_bytes(run, name, groups[name]),
+                    files=len(groups[name]), is_latest=name == latest,
+                    problem=_describe_other(kind, groups[name]), kind=kind,
+                )
+            )
     if latest is not None:
         target = next((c for c in infos if c.name == latest), None)
         if target is None or not target.complete:
-            state = "is missing" if target is None else f"is not complete ({target.problem})"
+            other = next((c for c in others if c.name == latest), None)
+            state = (
+                f"is not a checkpoint ({other.problem})" if other is not None
+                else "is missing" if target is None
+                else f"is not complete ({target.problem})"
+            )
             problems.append(
                 f"{run.url_of(LATEST_NAME)} names {latest!r}, which {state}; point it at a "
                 "complete checkpoint with zero_ckpt.runs.update_latest"
             )
-    foreign = {n for n, fs in groups.items() if not all(_is_save_file(f) for f in fs)}
-    return sorted(infos, key=_order_key), latest, foreign, problems
+    foreign = {
+        n for n, fs in groups.items()
+        if kinds[n] == "zero-ckpt" and not all(_is_save_file(f) for f in fs)
+    }
+    return sorted(infos, key=_order_key), latest, foreign, problems, others
+
+
+def _check_root_is_not_a_file(run: Location) -> None:
+    try:
+        is_file = bool(run.fs.isfile(run.root))
+    except OSError:  # the listing that follows reports a storage failure properly
+        return
+    if is_file:
+        raise RunDirectoryError(
+            f"{run.url} is a file, not a run directory; pass the folder that holds the "
+            "checkpoints (or `zero-ckpt inspect` a checkpoint)",
+            path=run.url,
+        )
+
+
+def _check_root_exists(run: Location) -> None:
+    """An empty listing: an error when ``root`` does not exist (an empty folder is fine)."""
+    try:
+        exists = bool(run.fs.exists(run.root)) or bool(run.fs.isdir(run.root))
+    except OSError:
+        return
+    if not exists:
+        raise RunDirectoryError(
+            f"no run directory at {run.url}: the path does not exist (check the path and, for "
+            "object stores, the bucket and storage options)",
+            path=run.url,
+        )
+
+
+def _kind_of(files: list[str]) -> str:
+    """What a subdirectory of a run directory is, from its files (relative to it). Pure."""
+    top = [f for f in files if "/" not in f]
+    if MANIFEST_NAME in top:
+        return "zero-ckpt"
+    if any(_DS_OPTIM.match(f) or _DS_MODEL.match(f) for f in top):
+        return "deepspeed"
+    if _CLAIM_MARKER in top or any(f.startswith((_SHARDS_DIR + "/", _PARTS_DIR + "/")) for f in files):
+        return "zero-ckpt"  # a save (or split job) that has not finished
+    if any(_HF_FILE.match(f) for f in top):
+        return "hf"  # consolidated weights (a save writes model.safetensors after its shards)
+    if any(_is_save_file(f) for f in files):
+        return "zero-ckpt"  # temporary files of a save in progress
+    return "folder"
+
+
+def _describe_other(kind: str, files: list[str]) -> str:
+    if kind == "hf":
+        return "consolidated weights (config.json/model*.safetensors), not a checkpoint"
+    subdirs = {f.split("/", 1)[0] for f in files if "/" in f}
+    if LATEST_NAME in files and any(
+        _DS_OPTIM.match(f.split("/", 1)[1]) for f in files if f.count("/") == 1
+    ):
+        return "a DeepSpeed run folder: list it to see its checkpoints"
+    if any(f.split("/")[-1] == MANIFEST_NAME for f in files):
+        return "holds checkpoints in subfolders: list it to see them"
+    return f"{len(files)} file{'s' if len(files) != 1 else ''}" + (
+        f" in {len(subdirs)} subfolder{'s' if len(subdirs) != 1 else ''}" if subdirs else ""
+    ) + ", no checkpoint"
+
+
+def _describe_deepspeed(run: Location, name: str, files: list[str], is_latest: bool) -> CheckpointInfo:
+    """A DeepSpeed tag folder from its file names (nothing is read but their sizes)."""
+    top = [f for f in files if "/" not in f]
+    ranks = sorted({int(m.group(2)) for f in top if (m := _DS_OPTIM.match(f))})
+    problem = None
+    if not ranks:
+        problem = "no *_optim_states.pt files (saved without optimizer state, or incomplete)"
+    elif ranks != list(range(len(ranks))) or len(ranks) != max(ranks) + 1:
+        missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+        problem = f"optim files for ranks {missing} are missing (a save that did not finish on every rank)"
+    elif _DS_MODEL_FILE not in top:
+        problem = f"{_DS_MODEL_FILE} is missing (it holds the parameter names and shapes)"
+    return CheckpointInfo(
+        name=name,
+        url=run.url_of(name),
+        status="complete" if problem is None else "incomplete",
+        step=_name_number(name),
+        world_size=(max(ranks) + 1) if ranks else None,
+        bytes=_present_bytes(run, name, files),
+        files=len(files),
+        is_latest=is_latest,
+        problem=None if problem is None else f"{run.url_of(name)}: {problem}",
+        kind="deepspeed",
+    )
+
+
+def _pending_uploads(run: Location, storage_options: dict[str, Any] | None) -> tuple[dict[str, Any], ...] | None:
+    """Multipart uploads left open under an ``s3://`` root (None elsewhere, or where the
+    storage layer cannot list them)."""
+    if not run.url.startswith(("s3://", "s3a://")):
+        return None
+    from zero_ckpt import storage
+
+    lister = getattr(storage, "list_pending_uploads", None)
+    if lister is None:
+        return None
+    found = lister(run.url, storage_options=storage_options)
+    out = []
+    for up in found:
+        if isinstance(up, dict):
+            out.append(dict(up))
+        elif hasattr(up, "__dataclass_fields__"):
+            from dataclasses import asdict
+
+            out.append(asdict(up))
+        else:
+            out.append({"upload": str(up)})
+    return tuple(out)
 
 
 def _present_bytes(run: Location, name: str, files: list[str]) -> int:
