@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zero_core.layout import compute_partition_numel
-from zero_ckpt.errors import LayoutMismatchError
+from zero_ckpt.errors import CorruptShardError, LayoutMismatchError
 from zero_ckpt.manifest import FileMeta, GroupMeta, Manifest, ParamMeta, shard_path
 from zero_ckpt.plan import (
     CopyOp,
@@ -219,8 +219,9 @@ def test_model_file_is_copied_raw() -> None:
     last = plan.files[-1]
     assert last.header_bytes == b"" and last.file_bytes == 123
     assert last.ops == (CopyOp("model.safetensors", None, 0, 0, None, 0, 0, 123, "uint8", "uint8"),)
-    # the measured size wins over the recorded one
-    assert plan_reshard(m, _headers(m), 5, model_file_bytes=7).files[-1].file_bytes == 7
+    # a model file of another size than recorded is refused (its bytes shape the output)
+    with pytest.raises(CorruptShardError, match="model.safetensors is 7 bytes, the manifest says 123"):
+        plan_reshard(m, _headers(m), 5, model_file_bytes=7)
 
 
 def test_plan_rejects_bad_targets() -> None:

@@ -20,6 +20,8 @@ __all__ = [
     "LayoutMismatchError",
     "DestinationExistsError",
     "StorageError",
+    "NotRegularFileError",
+    "KnobError",
     "Problem",
     "raise_problems",
 ]
@@ -74,6 +76,14 @@ class DestinationExistsError(CheckpointError, FileExistsError):
 
 class StorageError(CheckpointError, OSError):
     """Reading or writing the storage failed for a reason other than the checkpoint's content."""
+
+
+class NotRegularFileError(CheckpointError, ValueError):
+    """A path where a checkpoint file belongs is a directory, FIFO, device or socket."""
+
+
+class KnobError(CheckpointError, ValueError):
+    """An environment variable tuning zero-ckpt (``ZERO_CKPT_*``) has an invalid value."""
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,13 @@ Callers pass explicit values where the API offers them; these are the defaults.
 
 from __future__ import annotations
 
+import math
 import os
 
+from zero_ckpt.errors import KnobError
+
 __all__ = [
+    "open_files",
     "part_timeout_s",
     "chunk_bytes",
     "io_workers",
@@ -22,35 +26,55 @@ __all__ = [
 ]
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int, maximum: int) -> int:
+    """``int(os.environ[name])`` in ``[1, maximum]``; KnobError naming the variable, the value
+    and the accepted range otherwise (checked before anything is sized by it)."""
     raw = os.environ.get(name)
-    if raw is None or raw == "":
+    if raw is None or raw.strip() == "":
         return default
+    text = raw.strip()
     try:
-        value = int(raw)
+        value = int(text) if len(text) <= 40 else None
     except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} must be an integer") from None
-    if value < 1:
-        raise ValueError(f"environment variable {name}={raw!r} must be at least 1")
+        value = None
+    if value is None:
+        raise KnobError(
+            f"environment variable {name}={raw[:40]!r} must be an integer between 1 and {maximum}; "
+            f"unset it for the default ({default})"
+        )
+    if not 1 <= value <= maximum:
+        raise KnobError(
+            f"environment variable {name}={value} is out of range: it must be between 1 and "
+            f"{maximum}; unset it for the default ({default})"
+        )
     return value
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_float(name: str, default: float, maximum: float) -> float:
     raw = os.environ.get(name)
-    if raw is None or raw == "":
+    if raw is None or raw.strip() == "":
         return default
     try:
-        value = float(raw)
+        value = float(raw.strip()[:40])
     except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} must be a number") from None
-    if not value >= 0:  # also refuses NaN
-        raise ValueError(f"environment variable {name}={raw!r} must be at least 0")
+        raise KnobError(
+            f"environment variable {name}={raw[:40]!r} must be a number between 0 and {maximum}; "
+            f"unset it for the default ({default})"
+        ) from None
+    if not (math.isfinite(value) and 0 <= value <= maximum):  # also refuses NaN and inf
+        raise KnobError(
+            f"environment variable {name}={raw[:40]!r} is out of range: it must be between 0 and "
+            f"{maximum}; unset it for the default ({default})"
+        )
     return value
+
+
+_GiB = 1 << 30
 
 
 def chunk_bytes() -> int:
     """Bytes moved per read/write call by the executors (ZERO_CKPT_CHUNK_BYTES, 8 MiB)."""
-    return _env_int("ZERO_CKPT_CHUNK_BYTES", 8 << 20)
+    return _env_int("ZERO_CKPT_CHUNK_BYTES", 8 << 20, 256 << 20)
 
 
 def io_workers() -> int:
@@ -58,7 +82,7 @@ def io_workers() -> int:
 
     I/O and CRC release the GIL, so threads overlap reads, writes and checksums.
     """
-    return _env_int("ZERO_CKPT_WORKERS", 4)
+    return _env_int("ZERO_CKPT_WORKERS", 4, 256)
 
 
 def buffer_budget_bytes() -> int:
@@ -69,7 +93,7 @@ def buffer_budget_bytes() -> int:
     Peak memory of reshard/consolidate/verify is within this plus the interpreter,
     independent of checkpoint size. One worker always runs, whatever the budget.
     """
-    return _env_int("ZERO_CKPT_BUFFER_BYTES", 192 << 20)
+    return _env_int("ZERO_CKPT_BUFFER_BYTES", 192 << 20, 64 * _GiB)
 
 
 def fsync() -> bool:
@@ -85,17 +109,17 @@ def retry_attempts() -> int:
     Transient errors (connection reset, HTTP 500/503, throttling) are retried with exponential
     backoff and jitter up to this many attempts in all; permanent ones (404, 403) never are.
     """
-    return _env_int("ZERO_CKPT_RETRIES", 5)
+    return _env_int("ZERO_CKPT_RETRIES", 5, 100)
 
 
 def retry_base_seconds() -> float:
     """First backoff cap in seconds; doubles per failure (ZERO_CKPT_RETRY_BASE_SECONDS, 0.25)."""
-    return _env_float("ZERO_CKPT_RETRY_BASE_SECONDS", 0.25)
+    return _env_float("ZERO_CKPT_RETRY_BASE_SECONDS", 0.25, 3600.0)
 
 
 def retry_max_seconds() -> float:
     """Largest backoff in seconds (ZERO_CKPT_RETRY_MAX_SECONDS, 20)."""
-    return _env_float("ZERO_CKPT_RETRY_MAX_SECONDS", 20.0)
+    return _env_float("ZERO_CKPT_RETRY_MAX_SECONDS", 20.0, 3600.0)
 
 
 def s3_part_bytes() -> int:
@@ -106,13 +130,13 @@ def s3_part_bytes() -> int:
     10,000 parts. Memory of a multipart write is a few parts per worker (see
     ``zero_ckpt.storage``), so this is also the knob that bounds it.
     """
-    return _env_int("ZERO_CKPT_S3_PART_BYTES", 8 << 20)
+    return _env_int("ZERO_CKPT_S3_PART_BYTES", 8 << 20, 5 * _GiB)
 
 
 def s3_min_part_bytes() -> int:
     """Smallest part size S3 accepts for all but the last part (ZERO_CKPT_S3_MIN_PART_BYTES,
     5 MiB, the AWS rule); lower it only for a server configured to accept smaller parts."""
-    return _env_int("ZERO_CKPT_S3_MIN_PART_BYTES", 5 << 20)
+    return _env_int("ZERO_CKPT_S3_MIN_PART_BYTES", 5 << 20, 5 * _GiB)
 
 
 def s3_uploads() -> int:
@@ -121,11 +145,20 @@ def s3_uploads() -> int:
     Writers hand a complete part to the upload and carry on filling the next; a writer that
     would exceed this waits for an upload to finish (back-pressure that bounds memory).
     """
-    return _env_int("ZERO_CKPT_S3_UPLOADS", 4)
+    return _env_int("ZERO_CKPT_S3_UPLOADS", 4, 256)
 
 
 def part_timeout_s() -> int:
     """How long the ranks of a split job under torchrun wait for each other, in seconds
     (ZERO_CKPT_PART_TIMEOUT_S, 24 h): a large job's parts may take hours; a failed rank tears
     the others down earlier."""
-    return _env_int("ZERO_CKPT_PART_TIMEOUT_S", 24 * 3600)
+    return _env_int("ZERO_CKPT_PART_TIMEOUT_S", 24 * 3600, 30 * 24 * 3600)
+
+
+def open_files() -> int:
+    """Idle read descriptors a location keeps open (ZERO_CKPT_OPEN_FILES, 64; at most 4096).
+
+    Reads of a checkpoint with more shards than this open and close descriptors as needed
+    (least recently used first), so any number of shards works under ``ulimit -n 1024``.
+    """
+    return _env_int("ZERO_CKPT_OPEN_FILES", 64, 4096)

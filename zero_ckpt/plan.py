@@ -18,7 +18,7 @@ from typing import Mapping
 
 from zero_core.layout import GroupLayout
 from zero_ckpt.checks import expected_shard_tensors
-from zero_ckpt.errors import LayoutMismatchError
+from zero_ckpt.errors import CorruptShardError, LayoutMismatchError
 from zero_ckpt.manifest import (
     MODEL_FILE_NAME,
     FileMeta,
@@ -233,7 +233,17 @@ def plan_reshard(
             )
         )
     if manifest.model_file is not None:
-        nbytes = manifest.model_file.bytes if model_file_bytes is None else model_file_bytes
+        # Copied as recorded: a file of another size is refused here, and the copy's bytes
+        # are checked against the recorded checksum as they stream (SourceChecks).
+        nbytes = manifest.model_file.bytes
+        if model_file_bytes is not None and model_file_bytes != nbytes:
+            raise CorruptShardError(
+                f"{manifest.model_file.path} is {model_file_bytes} bytes, the manifest says "
+                f"{nbytes} (truncated or replaced?); restore it from a good copy",
+                path=manifest.model_file.path,
+                expected=nbytes,
+                actual=model_file_bytes,
+            )
         files.append(_raw_copy_plan(manifest.model_file.path, MODEL_FILE_NAME, nbytes))
     return ReshardPlan(target, tuple(files))
 

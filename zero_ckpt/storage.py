@@ -25,8 +25,11 @@ import os
 import posixpath
 import re
 import socket
+import stat
 import threading
 import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
 from hashlib import md5
 from typing import Any, Awaitable, Callable
 
@@ -41,11 +44,22 @@ from zero_ckpt.errors import (
     CorruptShardError,
     DestinationExistsError,
     MissingShardError,
+    NotRegularFileError,
     StorageError,
 )
 from zero_ckpt.retry import GaveUp, RetryPolicy
 
-__all__ = ["Location", "open_location", "FileWriter", "prepare_destination", "check_distinct"]
+__all__ = [
+    "Location",
+    "open_location",
+    "FileWriter",
+    "prepare_destination",
+    "check_distinct",
+    "read_capped",
+    "list_pending_uploads",
+    "abort_pending_uploads",
+    "PendingUpload",
+]
 
 
 def open_location(url: str, storage_options: dict[str, Any] | None = None) -> "Location":
@@ -83,7 +97,11 @@ class Location:
         self._remote = not self.is_local and not isinstance(self.fs, MemoryFileSystem)
         if protocol in _S3_PROTOCOLS:
             self._s3 = _S3Dir(self.fs, self.root, self.url, self.retry)
-        self._fds: dict[str, int] = {}
+        # Read descriptors, pooled: at most knobs.open_files() idle ones stay open (least
+        # recently used closed first), so a checkpoint of any number of shards reads under the
+        # default ``ulimit -n 1024``. An entry is [fd, users, closing].
+        self._fds: OrderedDict[str, list] = OrderedDict()
+        self._max_fds = knobs.open_files()
         self._lock = threading.Lock()
 
     # ----- naming ---------------------------------------------------------------------------
@@ -119,9 +137,12 @@ class Location:
             raise self._error(exc, rel, "check") from None
 
     def size(self, rel: str) -> int:
-        """Size in bytes; MissingShardError naming the URL if the file is not there."""
+        """Size in bytes; MissingShardError naming the URL if the file is not there
+        (NotRegularFileError for a directory, FIFO, device or socket on local disk)."""
         if self._s3 is not None:
             return self._s3.size(rel, self.url_of(rel))
+        if self.is_local:
+            return self._stat_regular(rel).st_size
         try:
             return int(self._call(lambda: self.fs.size(self.path_of(rel))))
         except FileNotFoundError:
@@ -144,7 +165,32 @@ class Location:
 
     # ----- reads ----------------------------------------------------------------------------
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, max_bytes: int | None = None) -> bytes:
+        """The whole file. With ``max_bytes``, a larger file is refused (CorruptShardError
+        naming it) before anything is read: what a reader of an untrusted small file
+        (``manifest.json``, ``latest``) must use."""
+        if max_bytes is not None:
+            size = self.size(rel)
+            if size > max_bytes:
+                raise CorruptShardError(
+                    f"{self.url_of(rel)} is {size} bytes, more than the {max_bytes} such a file "
+                    "can be; it is damaged or not what it should be",
+                    path=self.url_of(rel),
+                    expected=max_bytes,
+                    actual=size,
+                )
+            if self.is_local:
+                return self._read_whole_local(rel, max_bytes)
+            data = self.read_range(rel, 0, max_bytes + 1)
+            if len(data) > max_bytes:  # it grew since the size was taken
+                raise CorruptShardError(
+                    f"{self.url_of(rel)} is more than {max_bytes} bytes, more than such a file "
+                    "can be; it is damaged or not what it should be",
+                    path=self.url_of(rel),
+                )
+            return data
+        if self.is_local:
+            return self._read_whole_local(rel, None)
         if self._s3 is not None:
             return self._s3.get(rel, self.url_of(rel))
         try:
@@ -157,8 +203,15 @@ class Location:
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a file; fewer only if the file is shorter."""
         if self.is_local:
-            buf = bytearray(end - start)
-            got = self._pread(rel, start, memoryview(buf))
+            entry = self._acquire_fd(rel)
+            try:
+                # Never allocate past the end of the file: a damaged length field must not
+                # become a huge buffer.
+                size = os.fstat(entry[0]).st_size
+                buf = bytearray(max(0, min(end, size) - start))
+                got = self._pread_fd(entry[0], start, memoryview(buf))
+            finally:
+                self._release_fd(entry)
             return bytes(buf[:got])
         if self._s3 is not None:
             return self._s3.get(rel, self.url_of(rel), start, end)
@@ -190,10 +243,39 @@ class Location:
                 actual=offset + got,
             )
 
+    def _read_whole_local(self, rel: str, max_bytes: int | None) -> bytes:
+        # A fresh descriptor, not the pool's: small files such as manifest.json are replaced
+        # by rename, and a pooled descriptor would still read the old one.
+        fd = self._open_regular(rel)
+        try:
+            size = os.fstat(fd).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise CorruptShardError(
+                    f"{self.url_of(rel)} is {size} bytes, more than the {max_bytes} such a file "
+                    "can be; it is damaged or not what it should be",
+                    path=self.url_of(rel),
+                )
+            buf = bytearray(size)
+            got = self._pread_fd(fd, 0, memoryview(buf))
+        except OSError as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise self._error(exc, rel, "read") from None
+        finally:
+            os.close(fd)
+        return bytes(buf[:got])
+
     def _pread(self, rel: str, offset: int, view: memoryview) -> int:
         # One shared descriptor per file: os.preadv carries its own offset, so threads need
         # no seek and no lock around reads.
-        fd = self._fd(rel)
+        entry = self._acquire_fd(rel)
+        try:
+            return self._pread_fd(entry[0], offset, view)
+        finally:
+            self._release_fd(entry)
+
+    @staticmethod
+    def _pread_fd(fd: int, offset: int, view: memoryview) -> int:
         got = 0
         while got < len(view):
             n = os.preadv(fd, [view[got:]], offset + got)
@@ -202,20 +284,70 @@ class Location:
             got += n
         return got
 
-    def _fd(self, rel: str) -> int:
+    def _stat_regular(self, rel: str) -> os.stat_result:
+        """``stat`` of a local file that must be a regular one (followed through symlinks):
+        a FIFO, device, socket or directory is refused before anything opens it, since
+        opening or reading one can block forever or never end."""
+        try:
+            st = os.stat(self.path_of(rel))
+        except FileNotFoundError:
+            raise MissingShardError(f"{self.url_of(rel)} is missing", path=self.url_of(rel)) from None
+        except OSError as exc:
+            raise self._error(exc, rel, "stat") from None
+        _require_regular(st, self.url_of(rel))
+        return st
+
+    def _open_regular(self, rel: str) -> int:
+        self._stat_regular(rel)
+        try:
+            # O_NONBLOCK: should a FIFO be swapped in after the stat, open does not wait for
+            # a writer; fstat then refuses it.
+            fd = os.open(self.path_of(rel), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise MissingShardError(f"{self.url_of(rel)} is missing", path=self.url_of(rel)) from None
+        except OSError as exc:
+            raise self._error(exc, rel, "open") from None
+        try:
+            _require_regular(os.fstat(fd), self.url_of(rel))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _acquire_fd(self, rel: str) -> list:
+        """A pooled read descriptor entry ``[fd, users, closing]``; pair with _release_fd."""
         with self._lock:
-            fd = self._fds.get(rel)
-            if fd is None:
-                try:
-                    fd = os.open(self.path_of(rel), os.O_RDONLY)
-                except FileNotFoundError:
-                    raise MissingShardError(
-                        f"{self.url_of(rel)} is missing", path=self.url_of(rel)
-                    ) from None
-                except OSError as exc:
-                    raise self._error(exc, rel, "open") from None
-                self._fds[rel] = fd
-            return fd
+            entry = self._fds.get(rel)
+            if entry is not None:
+                entry[1] += 1
+                self._fds.move_to_end(rel)
+                return entry
+        fd = self._open_regular(rel)
+        with self._lock:
+            entry = self._fds.get(rel)
+            if entry is not None:  # another thread opened it meanwhile
+                entry[1] += 1
+                os.close(fd)
+                return entry
+            entry = self._fds[rel] = [fd, 1, False]
+            self._evict_locked()
+            return entry
+
+    def _release_fd(self, entry: list) -> None:
+        with self._lock:
+            entry[1] -= 1
+            if entry[1] == 0 and entry[2]:
+                os.close(entry[0])
+            else:
+                self._evict_locked()
+
+    def _evict_locked(self) -> None:
+        if len(self._fds) <= self._max_fds:
+            return
+        for rel in [r for r, e in self._fds.items() if e[1] == 0]:
+            os.close(self._fds.pop(rel)[0])
+            if len(self._fds) <= self._max_fds:
+                return
 
     # ----- writes ---------------------------------------------------------------------------
 
@@ -282,15 +414,21 @@ class Location:
 
     def _forget_fd(self, rel: str) -> None:
         with self._lock:
-            fd = self._fds.pop(rel, None)
-        if fd is not None:
-            os.close(fd)
+            entry = self._fds.pop(rel, None)
+            if entry is not None:
+                if entry[1]:
+                    entry[2] = True  # its last user closes it
+                else:
+                    os.close(entry[0])
 
     def close(self) -> None:
         with self._lock:
-            fds, self._fds = list(self._fds.values()), {}
-        for fd in fds:
-            os.close(fd)
+            entries, self._fds = list(self._fds.values()), OrderedDict()
+            for entry in entries:
+                if entry[1]:
+                    entry[2] = True
+                else:
+                    os.close(entry[0])
 
     def __enter__(self) -> "Location":
         return self
@@ -317,6 +455,70 @@ class Location:
         if getattr(exc, "errno", None) == errno.ENOSPC:
             return StorageError(f"cannot {action} {url}: no space left on device", path=url)
         return StorageError(f"cannot {action} {url}: {exc}", path=url)
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _require_regular(st: os.stat_result, url: str) -> None:
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+    raise NotRegularFileError(
+        f"{url} is {kind}, not a regular file; a checkpoint's files must be regular files "
+        "(replace it with the real file)",
+        path=url,
+    )
+
+
+def read_capped(loc: Location, rel: str, max_bytes: int) -> bytes:
+    """The whole of a small file at ``loc/rel`` (``latest``, ``manifest.json``, a job record),
+    refused with a CheckpointError naming it when it is larger than ``max_bytes`` or not a
+    regular file, before any memory is spent on it."""
+    return loc.read_bytes(rel, max_bytes=max_bytes)
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """A multipart upload started under a location and neither completed nor aborted: S3
+    keeps (and bills) its parts until it is aborted. ``key`` is relative to the location;
+    ``initiated`` is the server's ISO 8601 time."""
+
+    key: str
+    upload_id: str
+    initiated: str
+
+
+def list_pending_uploads(url: str, storage_options: dict[str, Any] | None = None) -> list[PendingUpload]:
+    """Pending multipart uploads under ``url`` (S3 only: [] for other backends, which have
+    none), oldest first. A job that fails aborts its own; a killed process cannot, and these
+    are what it left. ``abort_pending_uploads`` (or a bucket lifecycle rule) removes them."""
+    with open_location(url, storage_options) as loc:
+        if loc._s3 is None:
+            return []
+        return loc._s3.pending_uploads(loc.url)
+
+
+def abort_pending_uploads(url: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Abort every pending multipart upload under ``url``; returns how many (S3 only)."""
+    with open_location(url, storage_options) as loc:
+        if loc._s3 is None:
+            return 0
+        pending = loc._s3.pending_uploads(loc.url)
+        for up in pending:
+            key = loc._s3.key(up.key)
+            loc._s3.call(
+                loc.url_of(up.key), "abort",
+                lambda key=key, uid=up.upload_id: loc._s3._s3("abort_multipart_upload", Key=key, UploadId=uid),
+                accept=_has_code("NoSuchUpload"),
+            )
+        return len(pending)
 
 
 def check_distinct(src: Location, dst: Location) -> None:
@@ -907,6 +1109,27 @@ class _S3Dir:
                     f"s3://{self.bucket}/{first.get('Key')}: {first.get('Code')} {first.get('Message', '')}".rstrip(),
                     path=url,
                 )
+
+    def pending_uploads(self, url: str) -> list[PendingUpload]:
+        """Every pending multipart upload under the directory (one request per 1,000)."""
+        prefix = self.prefix + "/" if self.prefix else ""
+        out: list[PendingUpload] = []
+        marker: dict[str, str] = {}
+        while True:
+            page = self.call(
+                url, "list", lambda marker=dict(marker): self._s3("list_multipart_uploads", Prefix=prefix, **marker)
+            )
+            for up in page.get("Uploads", []) or []:
+                initiated = up.get("Initiated")
+                out.append(PendingUpload(
+                    up["Key"][len(prefix):], up["UploadId"],
+                    initiated.isoformat() if hasattr(initiated, "isoformat") else str(initiated or ""),
+                ))
+            if not page.get("IsTruncated"):
+                break
+            marker = {"KeyMarker": page.get("NextKeyMarker") or "",
+                      "UploadIdMarker": page.get("NextUploadIdMarker") or ""}
+        return sorted(out, key=lambda u: (u.initiated, u.key))
 
     def abort_uploads_for(self, key: str, url: str, keep: str | None) -> None:
         """Abort every pending multipart upload of exactly ``key`` but ``keep`` (best effort)."""

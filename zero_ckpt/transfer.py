@@ -133,11 +133,26 @@ class SourceChecks:
             url = loc.url_of(meta.path)
             raw = self.pieces.get((meta.path, None))
             if raw is not None:  # a raw whole-file copy
-                if raw.covered() == meta.bytes and raw.combine(meta.bytes) != parse_checksum(meta.checksum):
+                if raw.covered() != meta.bytes:
+                    out.append(Problem(
+                        url, f"was copied as {raw.covered()} bytes, the manifest says {meta.bytes} "
+                        "(truncated or replaced?); restore it from a good copy", "size", meta.rank,
+                    ))
+                elif raw.combine(meta.bytes) != parse_checksum(meta.checksum):
                     out.append(_checksum_problem(url, "file", meta))
                 continue
             header = headers.get(meta.path)
             if header is None:
+                continue
+            if meta.tensors and set(meta.tensors) != set(header.tensors):
+                # A renamed tensor would otherwise go unchecked (no recorded checksum to
+                # compare) and shape the output under its new name.
+                changed = sorted(set(meta.tensors) ^ set(header.tensors))[:3]
+                out.append(Problem(
+                    url, f"its header names tensors {changed} that the manifest does not record as "
+                    "such: the header is damaged (restore this file from a good copy)",
+                    "checksum", meta.rank,
+                ))
                 continue
             crcs: dict[str, int] = {}
             for name, entry in header.tensors.items():
@@ -148,11 +163,17 @@ class SourceChecks:
                 recorded = meta.tensors.get(name)
                 if recorded is not None and crcs[name] != parse_checksum(recorded):
                     out.append(_checksum_problem(url, f"tensor {name!r}", meta))
-            if not meta.tensors and meta.path in header_crcs and len(crcs) == len(header.tensors):
+            # Every tensor read whole: the file checksum also covers the header (dtypes, shapes,
+            # offsets, metadata), so an altered header that still parses is caught.
+            if meta.path in header_crcs and len(crcs) == len(header.tensors) and not _out_has(out, url):
                 whole = _combine_file(header, header_crcs[meta.path], crcs)
                 if whole is not None and whole != parse_checksum(meta.checksum):
                     out.append(_checksum_problem(url, "file", meta))
         return out
+
+
+def _out_has(problems: list[Problem], url: str) -> bool:
+    return any(p.path == url for p in problems)
 
 
 def _combine_file(header: SafetensorsHeader, header_crc: int, tensor_crcs: Mapping[str, int]) -> int | None:
@@ -198,16 +219,40 @@ class WrittenFile:
 
 
 class _FileJob:
-    """One output file being filled by one or more segments."""
+    """One output file being filled by one or more segments. Its writer is opened when the
+    first segment starts and committed when the last ends, so only the files in progress hold
+    a descriptor or buffers (a plan of 4096 files runs under ``ulimit -n 1024``)."""
 
-    def __init__(self, plan: FilePlan, writer: FileWriter, segments: int) -> None:
+    def __init__(self, plan: FilePlan, dst: Location, positioned: bool, segments: int) -> None:
         self.plan = plan
-        self.writer = writer
+        self.dst = dst
+        self.positioned = positioned
+        self.writer: FileWriter | None = None
         self.remaining = segments
         self.pieces = PieceChecksums()
         self.tensor_pieces: dict[str, PieceChecksums] = defaultdict(PieceChecksums)
         self.lock = threading.Lock()
         self.committed = False
+        self.aborted = False
+
+    def open(self) -> FileWriter:
+        with self.lock:
+            if self.aborted:
+                raise _Stopped()
+            if self.writer is None:
+                self.writer = self.dst.writer(self.plan.path, self.plan.file_bytes)
+            return self.writer
+
+    def abort(self) -> None:
+        with self.lock:
+            self.aborted = True
+            writer = self.writer
+        if writer is not None and not self.committed:
+            writer.abort()
+
+
+class _Stopped(Exception):
+    """A task that found the job already failing: nothing to report."""
 
 
 def _segments(plan: FilePlan, parallel: bool) -> list[list[CopyOp]]:
@@ -303,11 +348,12 @@ def run_file_plans(
     jobs: list[_FileJob] = []
     tasks: list[tuple[_FileJob, list[CopyOp], bool]] = []
     stop = threading.Event()
+    # Positioned writes need a local or S3 destination and a known size (every plan has one).
+    positioned = dst.is_local or dst._s3 is not None
     try:
         for plan in plans:
-            writer = dst.writer(plan.path, plan.file_bytes)
-            segments = _segments(plan, writer.supports_write_at)
-            job = _FileJob(plan, writer, len(segments))
+            segments = _segments(plan, positioned)
+            job = _FileJob(plan, dst, positioned, len(segments))
             jobs.append(job)
             for i, seg in enumerate(segments):
                 tasks.append((job, seg, i == 0))
@@ -315,13 +361,16 @@ def run_file_plans(
         def run(job: _FileJob, ops: list[CopyOp], first: bool) -> None:
             if stop.is_set():
                 return
-            positioned = job.writer.supports_write_at
+            writer = job.open()
+            positioned = job.positioned
+            if positioned and not writer.supports_write_at:
+                raise RuntimeError(f"{writer.url}: positioned writes are not supported here")
             if first and job.plan.header_bytes:
                 hb = job.plan.header_bytes
                 if positioned:
-                    job.writer.write_at(0, hb)
+                    writer.write_at(0, hb)
                 else:
-                    job.writer.write(hb)
+                    writer.write(hb)
                 with job.lock:
                     job.pieces.add(0, len(hb), crc32c(hb))
             local_pieces: list[tuple[int, int, int]] = []
@@ -331,11 +380,13 @@ def run_file_plans(
                     return
 
                 def emit(rel: int, data: memoryview, op: CopyOp = op) -> None:
+                    if stop.is_set():  # another task failed or the user interrupted
+                        raise _Stopped()
                     crc = crc32c(data)
                     if positioned:
-                        job.writer.write_at(op.dst_start + rel, data)
+                        writer.write_at(op.dst_start + rel, data)
                     else:
-                        job.writer.write(data)
+                        writer.write(data)
                     local_pieces.append((op.dst_start + rel, len(data), crc))
                     if op.dst_tensor is not None:
                         local_tensor.append((op.dst_tensor, op.dst_offset + rel, len(data), crc))
@@ -349,13 +400,21 @@ def run_file_plans(
                 job.remaining -= 1
                 last = job.remaining == 0
             if last:
-                job.writer.commit(fsync=fsync)
+                writer.commit(fsync=fsync)
                 job.committed = True
 
         with ThreadPoolExecutor(max_workers=nworkers) as pool:
             futures = [pool.submit(run, *t) for t in tasks]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in done if f.exception() is not None]
+            try:
+                done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:
+                # KeyboardInterrupt (or another signal turned exception) in this thread: stop
+                # the workers before the pool's exit waits for them, then abort below.
+                stop.set()
+                for f in futures:
+                    f.cancel()
+                raise
+            failed = [f for f in done if f.exception() is not None and not isinstance(f.exception(), _Stopped)]
             if failed:
                 stop.set()
                 for f in pending:
@@ -386,5 +445,5 @@ def run_file_plans(
                 except CheckpointError:
                     pass
             else:
-                job.writer.abort()
+                job.abort()
         raise

@@ -101,6 +101,9 @@ class DeepSpeedView:
 # ----- locating the files --------------------------------------------------------------------------
 
 
+_MAX_LATEST_BYTES = 4096
+
+
 def _is_file(loc: Location, rel: str) -> bool:
     try:
         return bool(loc.fs.isfile(loc.path_of(rel)))
@@ -111,7 +114,8 @@ def _is_file(loc: Location, rel: str) -> bool:
 def _resolve_tag(loc: Location) -> str:
     """The tag folder relative to ``loc``: "" when ``loc`` is the tag folder itself."""
     if _is_file(loc, "latest"):
-        tag = loc.read_bytes("latest").decode("utf-8", "replace").strip()
+        # A tag is a folder name: a larger 'latest' is refused before it is read.
+        tag = loc.read_bytes("latest", max_bytes=_MAX_LATEST_BYTES).decode("utf-8", "replace").strip()
         if not tag or not _TAG_RE.fullmatch(tag) or tag in (".", ".."):
             raise DeepSpeedFormatError(
                 f"{loc.url_of('latest')} names the tag {tag!r}, which is not a folder name; pass the "

@@ -788,6 +788,9 @@ def _split_url(url: str) -> tuple[str, str]:
 def _torch_load(loc: Location, rel: str) -> Any:
     url = loc.url_of(rel)
     loc.size(rel)  # MissingShardError naming the URL
+    from zero_ckpt.formats.torch_zip import check_torch_file
+
+    check_torch_file(loc, rel)  # caps on the zip and its pickle, before torch.load spends memory
     try:
         if loc.is_local:
             path = loc.path_of(rel)

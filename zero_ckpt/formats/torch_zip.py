@@ -22,9 +22,11 @@ that the executors read with ranged reads: nothing is loaded whole.
 
 from __future__ import annotations
 
+import builtins
 import io
 import math
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections import OrderedDict
@@ -42,9 +44,25 @@ __all__ = [
     "TorchZipFile",
     "restricted_load",
     "open_torch_zip",
+    "check_pickle",
+    "check_torch_file",
     "STORAGE_DTYPES",
     "ELEMENT_SIZES",
+    "MAX_PICKLE_BYTES",
+    "MAX_PICKLE_ITEMS",
+    "MAX_PICKLE_DEPTH",
+    "MAX_ZIP_MEMBERS",
 ]
+
+# Caps on what an untrusted ``.pt`` file may make the reader spend, each checked before the
+# memory is spent (DeepSpeed's and torch's own files are far below them: a ZeRO-2 file's
+# pickle is kilobytes, with a few thousand container items and a nesting of about 6).
+MAX_PICKLE_BYTES = 64 << 20  # data.pkl
+MAX_PICKLE_ITEMS = 2_000_000  # references put into containers, and memo entries
+MAX_PICKLE_DEPTH = 100  # nesting of containers (and the unpickler's stack, x100)
+MAX_ZIP_MEMBERS = 100_000  # records of one archive
+_MAX_CENTRAL_DIRECTORY = 64 << 20  # bytes of the zip's central directory
+_MAX_COPY_BYTES = 64 << 20  # bytes that allowed constructors (list, bytes, ...) may copy
 
 # torch.<Name>Storage -> our dtype name (torch's without the prefix).
 STORAGE_DTYPES = {
@@ -79,9 +97,8 @@ _REFUSED_MODULES = {
     "_io", "operator", "functools", "inspect", "pdb", "timeit", "threading", "_thread",
 }
 _ALLOWED_BUILTINS = {
-    "set": set, "frozenset": frozenset, "list": list, "dict": dict, "tuple": tuple, "int": int,
-    "float": float, "bool": bool, "str": str, "bytes": bytes, "bytearray": bytearray,
-    "complex": complex, "slice": slice, "range": range,
+    "set", "frozenset", "list", "dict", "tuple", "int", "float", "bool", "str", "bytes",
+    "bytearray", "complex", "slice", "range",
 }
 
 
@@ -270,10 +287,65 @@ def _placeholder_class(module: str, name: str) -> type:
     return type(f"Unknown[{module}.{name}]", (_Placeholder,), {"_zc_module": module, "_zc_name": name})
 
 
+class _Budget:
+    """What the allowed constructors may copy or create, in bytes (a reference counts 8,
+    a set/dict entry 64): ``bytearray(10**10)`` or ``list(range(10**9))`` in a pickle must be
+    refused before it allocates, and so must many small copies of one large object."""
+
+    def __init__(self, path: str, limit: int = _MAX_COPY_BYTES) -> None:
+        self.path, self.left = path, limit
+
+    def charge(self, nbytes: int, what: str) -> None:
+        self.left -= nbytes
+        if self.left < 0:
+            raise CorruptShardError(
+                f"{self.path}: the pickle asks for {what}, more than the {_MAX_COPY_BYTES} bytes "
+                "zero-ckpt lets a checkpoint's metadata build; the file is damaged or hostile",
+                path=self.path,
+            )
+
+
+def _size_of(obj: Any) -> int:
+    if isinstance(obj, (bytes, bytearray, str)):
+        return len(obj)
+    if isinstance(obj, range):
+        return 8 * len(obj)
+    if isinstance(obj, (set, frozenset, dict)):
+        return 64 * len(obj)
+    try:
+        return 8 * len(obj)
+    except TypeError:
+        return 8
+
+
+def _checked_builtin(name: str, budget: _Budget) -> Any:
+    real = getattr(builtins, name)
+
+    def build(*args: Any) -> Any:
+        if name in ("bytes", "bytearray", "str") and args and isinstance(args[0], int) and not isinstance(args[0], bool):
+            if name != "str":  # bytes(n) allocates n zero bytes
+                budget.charge(max(0, args[0]), f"{name}({args[0]})")
+        elif name == "range":
+            try:
+                n = len(range(*args))
+            except (OverflowError, TypeError, ValueError):
+                n = _MAX_COPY_BYTES
+            budget.charge(8 * n, f"range of {n} items")
+            return real(*args)
+        elif name == "int" and args and isinstance(args[0], (str, bytes)) and len(args[0]) > 4300:
+            raise pickle.UnpicklingError("an integer of more than 4300 digits")
+        else:
+            budget.charge(sum(_size_of(a) for a in args[:1]) * (8 if name in ("set", "frozenset", "dict") else 1), f"{name}() of a large object")
+        return real(*args)
+
+    return build
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, path: str) -> None:
         super().__init__(io.BytesIO(data))
         self._path = path
+        self._budget = _Budget(path)
 
     def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
         if not isinstance(module, str) or not isinstance(name, str):
@@ -283,7 +355,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return allowed
         if module in ("builtins", "__builtin__"):
             if name in _ALLOWED_BUILTINS:
-                return _ALLOWED_BUILTINS[name]
+                return _checked_builtin(name, self._budget)
             raise UnsafePickleError(
                 f"{self._path}: the pickle asks for builtins.{name}, which zero-ckpt never calls "
                 "while reading a checkpoint; the file is refused (it may be malicious)",
@@ -319,20 +391,29 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return StorageRef(pid[2], pid[1].dtype, pid[4], str(pid[3]))
 
 
-def _unwrap(obj: Any, seen: dict[int, Any] | None = None) -> Any:
-    """Replace placeholder instances by their :class:`Unknown` records, recursively."""
+class _TooDeep(Exception):
+    pass
+
+
+def _unwrap(obj: Any, seen: dict[int, Any] | None = None, depth: int = 0) -> Any:
+    """Replace placeholder instances by their :class:`Unknown` records, recursively (at most
+    MAX_PICKLE_DEPTH levels: deeper raises _TooDeep; keys that are not hashable once unwrapped
+    raise TypeError)."""
+    if depth > MAX_PICKLE_DEPTH:
+        raise _TooDeep()
     if seen is None:
         seen = {}
+    d = depth + 1
     key = id(obj)
     if key in seen:
         return seen[key]
     if isinstance(obj, _Placeholder):
         record = object.__getattribute__(obj, "_zc_record")
         seen[key] = record
-        record.args = tuple(_unwrap(a, seen) for a in record.args)
-        record.state = _unwrap(record.state, seen)
-        record.items = [_unwrap(a, seen) for a in record.items]
-        record.entries = {k: _unwrap(v, seen) for k, v in record.entries.items()}
+        record.args = tuple(_unwrap(a, seen, d) for a in record.args)
+        record.state = _unwrap(record.state, seen, d)
+        record.items = [_unwrap(a, seen, d) for a in record.items]
+        record.entries = {k: _unwrap(v, seen, d) for k, v in record.entries.items()}
         return record
     if isinstance(obj, type) and issubclass(obj, _Placeholder):
         return Unknown(obj._zc_module, obj._zc_name)
@@ -344,25 +425,25 @@ def _unwrap(obj: Any, seen: dict[int, Any] | None = None) -> Any:
         out: Any = OrderedDict()
         seen[key] = out
         for k, v in obj.items():
-            out[_unwrap(k, seen)] = _unwrap(v, seen)
+            out[_unwrap(k, seen, d)] = _unwrap(v, seen, d)
         return out
     if isinstance(obj, dict):
         out = {}
         seen[key] = out
         for k, v in obj.items():
-            out[_unwrap(k, seen)] = _unwrap(v, seen)
+            out[_unwrap(k, seen, d)] = _unwrap(v, seen, d)
         return out
     if isinstance(obj, list):
         out = []
         seen[key] = out
-        out.extend(_unwrap(v, seen) for v in obj)
+        out.extend(_unwrap(v, seen, d) for v in obj)
         return out
     if isinstance(obj, tuple):
-        out = tuple(_unwrap(v, seen) for v in obj)
+        out = tuple(_unwrap(v, seen, d) for v in obj)
         seen[key] = out
         return out
     if isinstance(obj, (set, frozenset)):
-        return type(obj)(_unwrap(v, seen) for v in obj)
+        return type(obj)(_unwrap(v, seen, d) for v in obj)
     return obj
 
 
@@ -374,18 +455,90 @@ def restricted_load(data: bytes, path: str = "<pickle>") -> Any:
     :class:`UnsafePickleError` for globals that can only run code and
     :class:`CorruptShardError` for a pickle that is malformed; both name ``path``.
     """
+    check_pickle(data, path)
     try:
         obj = _RestrictedUnpickler(data, path).load()
+        return _unwrap(obj)
     except CheckpointError:
         raise
-    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
-            KeyError, RecursionError, struct.error, UnicodeDecodeError) as exc:
+    except (_TooDeep, RecursionError):
         raise CorruptShardError(
-            f"{path}: cannot read the pickled data ({type(exc).__name__}: {str(exc)[:200]}); the "
-            "file is damaged or not a torch checkpoint",
+            f"{path}: the pickled data is nested more than {MAX_PICKLE_DEPTH} levels deep; the "
+            "file is damaged or hostile",
             path=path,
         ) from None
-    return _unwrap(obj)
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
+            KeyError, struct.error, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+        raise CorruptShardError(
+            f"{path}: cannot read the pickled data ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            "the file is damaged or not a torch checkpoint",
+            path=path,
+        ) from None
+
+
+_MARK = pickletools.markobject
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def check_pickle(data: bytes, path: str = "<pickle>") -> None:
+    """Refuse a pickle whose opcodes would make an unpickler spend unbounded memory, before
+    any unpickler runs: more than MAX_PICKLE_BYTES, declared lengths past the end of the
+    data (a BINBYTES8 of 2**60 bytes), memo indices past MAX_PICKLE_ITEMS (the memo is grown
+    to the index), more than MAX_PICKLE_ITEMS references put into containers, a stack or
+    mark nesting deeper than ``100 x MAX_PICKLE_DEPTH``. CorruptShardError naming ``path``.
+
+    One pass over the opcodes (``pickletools.genops``), about 2 us per opcode."""
+
+    def refuse(what: str) -> CorruptShardError:
+        return CorruptShardError(
+            f"{path}: cannot read the pickled data: it {what}; the file is damaged or hostile "
+            "(refused before unpickling)",
+            path=path,
+        )
+
+    if len(data) > MAX_PICKLE_BYTES:
+        raise refuse(f"is {len(data)} bytes, more than the {MAX_PICKLE_BYTES} a checkpoint's metadata can be")
+    max_stack = 100 * MAX_PICKLE_DEPTH
+    depth = 0
+    marks: list[int] = []
+    items = 0
+    stopped = False
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            name = op.name
+            before, after = op.stack_before, op.stack_after
+            if name == "MARK":
+                marks.append(depth)
+                if len(marks) > max_stack:
+                    raise refuse(f"nests more than {max_stack} marks")
+                continue
+            if _MARK in before:
+                if not marks:
+                    raise refuse(f"uses {name} without a MARK (malformed)")
+                top = marks.pop()
+                consumed = depth - top  # the items above the mark
+                items += consumed
+                depth = top - before.index(_MARK) + len(after)
+            else:
+                depth += len(after) - len(before)
+                if name in ("APPEND", "SETITEM", "TUPLE1", "TUPLE2", "TUPLE3"):
+                    items += {"TUPLE2": 2, "TUPLE3": 3}.get(name, 1)
+            if name in _MEMO_OPS and isinstance(arg, int) and arg > MAX_PICKLE_ITEMS:
+                raise refuse(f"stores memo entry {arg}, more than {MAX_PICKLE_ITEMS}")
+            if name == "MEMOIZE":
+                items += 1
+            if depth > max_stack:
+                raise refuse(f"stacks more than {max_stack} objects")
+            if items > MAX_PICKLE_ITEMS:
+                raise refuse(f"builds containers of more than {MAX_PICKLE_ITEMS} items in all")
+            if name == "STOP":
+                stopped = True
+    except CorruptShardError:
+        raise
+    except (ValueError, EOFError, struct.error, UnicodeDecodeError, OverflowError) as exc:
+        raise refuse(f"is malformed ({' '.join(str(exc).split())[:160]})") from None
+    if not stopped:
+        raise refuse("ends before its STOP opcode (truncated)")
 
 
 # ----- the zip container -----------------------------------------------------------------------
@@ -419,6 +572,51 @@ class _RangeFile(io.RawIOBase):
         return n
 
 
+_EOCD = b"PK\x05\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_EOCD = b"PK\x06\x06"
+
+
+def _check_zip_directory(loc: Location, rel: str, size: int) -> None:
+    """Refuse a zip whose end records declare more members than MAX_ZIP_MEMBERS, or a central
+    directory larger than the file or than ``_MAX_CENTRAL_DIRECTORY`` bytes, before
+    ``zipfile`` reads (and allocates) the directory. A file without an end record is left to
+    ``zipfile``'s own error."""
+    url = loc.url_of(rel)
+    tail_len = min(size, 22 + 65535)
+    tail = loc.read_range(rel, size - tail_len, size)
+    at = tail.rfind(_EOCD)
+    if at < 0 or len(tail) - at < 22:
+        return
+    _, _, _, entries, cd_size, cd_offset, _ = struct.unpack("<HHHHIIH", tail[at + 4 : at + 22])
+    if (entries == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF) and at >= 20:
+        locator = tail[at - 20 : at]
+        if locator[:4] == _ZIP64_LOCATOR:
+            (z64_offset,) = struct.unpack("<Q", locator[8:16])
+            if z64_offset + 56 > size:
+                raise CorruptShardError(
+                    f"{url}: its zip64 end record is declared at byte {z64_offset}, past the end of "
+                    f"the file ({size} bytes): damaged or hostile",
+                    path=url,
+                )
+            record = loc.read_range(rel, z64_offset, z64_offset + 56)
+            if record[:4] == _ZIP64_EOCD:
+                entries, cd_size, cd_offset = struct.unpack("<QQQ", record[32:56])
+    if entries > MAX_ZIP_MEMBERS:
+        raise CorruptShardError(
+            f"{url}: the zip declares {entries} records, more than the {MAX_ZIP_MEMBERS} a "
+            "checkpoint file can hold; it is damaged or hostile",
+            path=url,
+        )
+    if cd_size > min(size, _MAX_CENTRAL_DIRECTORY) or cd_offset + cd_size > size:
+        raise CorruptShardError(
+            f"{url}: the zip declares a central directory of {cd_size} bytes at byte {cd_offset}, "
+            f"which does not fit the file ({size} bytes) or exceeds {_MAX_CENTRAL_DIRECTORY}; it "
+            "is damaged or hostile",
+            path=url,
+        )
+
+
 @dataclass(frozen=True)
 class _Record:
     name: str
@@ -434,11 +632,15 @@ class TorchZipFile:
     :meth:`tensor_range` gives a tensor's absolute byte range in the file.
     """
 
-    def __init__(self, loc: Location, rel: str, size: int, archive: str, records: dict[str, _Record]) -> None:
+    def __init__(
+        self, loc: Location, rel: str, size: int, archive: str, records: dict[str, _Record],
+        compressed: tuple[str, ...] = (),
+    ) -> None:
         self.loc, self.rel, self.size = loc, rel, size
         self.url = loc.url_of(rel)
         self.archive = archive
         self.records = records
+        self.compressed = compressed  # names of compressed (never read) records
 
     def _error(self, message: str) -> CorruptShardError:
         return CorruptShardError(f"{self.url}: {message}", path=self.url)
@@ -454,6 +656,12 @@ class TorchZipFile:
         byteorder = f"{self.archive}/byteorder"
         if byteorder in self.records and self.read_record("byteorder").strip() != b"little":
             raise self._error("was saved on a big-endian machine; only little-endian files are read")
+        rec = self.records.get(f"{self.archive}/data.pkl")
+        if rec is not None and rec.nbytes > MAX_PICKLE_BYTES:
+            raise self._error(
+                f"cannot read the pickled data: it is {rec.nbytes} bytes, more than the "
+                f"{MAX_PICKLE_BYTES} a checkpoint's metadata can be; the file is damaged or hostile"
+            )
         return restricted_load(self.read_record("data.pkl"), self.url)
 
     def storage_range(self, storage: StorageRef) -> tuple[int, int]:
@@ -511,6 +719,7 @@ def open_torch_zip(loc: Location, rel: str) -> TorchZipFile:
     or encrypted records by name."""
     url = loc.url_of(rel)
     size = loc.size(rel)
+    _check_zip_directory(loc, rel, size)
     raw = _RangeFile(loc, rel, size)
     try:
         zf = zipfile.ZipFile(raw)  # type: ignore[arg-type]
@@ -523,6 +732,7 @@ def open_torch_zip(loc: Location, rel: str) -> TorchZipFile:
         )
         raise CorruptShardError(f"{url}: cannot open as a zip archive ({exc}); {hint}", path=url) from None
     records: dict[str, _Record] = {}
+    compressed: list[str] = []
     archive = None
     with zf:
         for info in zf.infolist():
@@ -530,6 +740,19 @@ def open_torch_zip(loc: Location, rel: str) -> TorchZipFile:
                 archive = info.filename.split("/", 1)[0]
             if info.flag_bits & 0x1:
                 raise CorruptShardError(f"{url}: record {info.filename} is encrypted", path=url)
+            if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+                raise CorruptShardError(
+                    f"{url}: record {info.filename[:100]!r} is stored uncompressed but declares "
+                    f"{info.file_size} bytes for {info.compress_size} stored ones (damaged or hostile)",
+                    path=url,
+                )
+            if info.compress_type != zipfile.ZIP_STORED and info.filename.endswith("/data.pkl"):
+                raise CorruptShardError(
+                    f"{url}: record {info.filename[:100]!r} is compressed; torch.save stores it "
+                    "uncompressed and zero-ckpt never inflates a checkpoint's records (a "
+                    "compressed record can be a zip bomb): re-save the file with torch.save",
+                    path=url,
+                )
             local = loc.read_range(rel, info.header_offset, info.header_offset + 30)
             if len(local) < 30 or local[:4] != b"PK\x03\x04":
                 raise CorruptShardError(
@@ -546,6 +769,7 @@ def open_torch_zip(loc: Location, rel: str) -> TorchZipFile:
                     path=url,
                 )
             if info.compress_type != zipfile.ZIP_STORED:
+                compressed.append(info.filename)
                 continue  # not a record we read by range
             if data_start + info.file_size > size:
                 raise CorruptShardError(
@@ -556,4 +780,27 @@ def open_torch_zip(loc: Location, rel: str) -> TorchZipFile:
             records[info.filename] = _Record(info.filename, data_start, info.file_size)
     if archive is None:
         raise CorruptShardError(f"{url}: the zip has no <archive>/data.pkl: not a torch.save file", path=url)
-    return TorchZipFile(loc, rel, size, archive, records)
+    return TorchZipFile(loc, rel, size, archive, records, tuple(compressed))
+
+
+def check_torch_file(loc: Location, rel: str) -> None:
+    """Before a ``.pt`` file is handed to ``torch.load``: refuse (CorruptShardError naming it)
+    a zip with too many records, a compressed record (torch.save stores every record; inflating
+    an untrusted one can be a zip bomb) or a pickle :func:`check_pickle` refuses. Files that
+    are not zips (legacy torch files) are left to ``torch.load``'s weights-only unpickler."""
+    if loc.read_range(rel, 0, 4)[:4] != b"PK\x03\x04":
+        return
+    zf = open_torch_zip(loc, rel)
+    if zf.compressed:
+        raise zf._error(
+            f"record {zf.compressed[0][:100]!r} is compressed; torch.save stores records "
+            "uncompressed and zero-ckpt never inflates a checkpoint's records (a compressed record "
+            "can be a zip bomb): re-save the file with torch.save"
+        )
+    rec = zf.records.get(f"{zf.archive}/data.pkl")
+    if rec is not None and rec.nbytes > MAX_PICKLE_BYTES:
+        raise zf._error(
+            f"cannot read the pickled data: it is {rec.nbytes} bytes, more than the "
+            f"{MAX_PICKLE_BYTES} a checkpoint's metadata can be; the file is damaged or hostile"
+        )
+    check_pickle(zf.read_record("data.pkl"), zf.url)
