@@ -165,7 +165,9 @@ def accelerate_loop(
         opt = ZeroOptimizer(
             model.named_parameters(), torch.optim.AdamW, stage=stage, lr=LR, weight_decay=0.1
         )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / (2 * steps))
+    # Accelerate steps a prepared scheduler once per process per optimizer step (its schedules
+    # count per-process batches): the same decay per optimizer step at every world size.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / (2 * steps * world_size))
     if stage is None:
         model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
     else:
@@ -181,7 +183,7 @@ def accelerate_loop(
     loss_sum = torch.zeros(())
     for batch in loader:
         with accelerator.accumulate(model):
-            loss = model(**{"input_ids": batch, "labels": batch}).loss
+            loss = model(**batch).loss
             accelerator.backward(loss)
             loss_sum += loss.detach() / accumulation
             if accelerator.sync_gradients:

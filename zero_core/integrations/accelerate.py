@@ -72,6 +72,11 @@ def clip_grad_norm_(optimizer: Any, max_norm: float, norm_type: float = 2.0) -> 
     return unwrap_optimizer(optimizer).clip_grad_norm(max_norm, norm_type)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # Accelerate names the CPU of a distributed run "cpu:0"; tensors say "cpu".
+    return a.type == b.type and (a.type == "cpu" or a.index == b.index)
+
+
 def _check_accelerator(accelerator: Any, zero: ZeroOptimizer) -> None:
     mode = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
     if mode in _REFUSED_MODES:
@@ -95,7 +100,7 @@ def _check_accelerator(accelerator: Any, zero: ZeroOptimizer) -> None:
     if accelerator.device_placement:
         for g in range(len(zero.layouts)):
             for p in zero.group_params(g):
-                if p.device != accelerator.device:
+                if not _same_device(p.device, accelerator.device):
                     raise ZeroConfigError(
                         f"the model's params are on {p.device} but Accelerate trains on "
                         f"{accelerator.device}; move the model to accelerator.device before "
