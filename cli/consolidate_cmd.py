@@ -58,7 +58,28 @@ from cli._common import (
     default=None,
     help="With --format torch: the model as model.safetensors (default) or model.pt.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace OUT's files if they already exist.")
+@click.option(
+    "--hf-config-from",
+    default=None,
+    metavar="DIR",
+    help=(
+        "Copy config.json, generation_config.json and the tokenizer files of this Hugging Face "
+        "model folder next to the weights, so from_pretrained(OUT) loads OUT as it is."
+    ),
+)
+@click.option(
+    "--all-tied-names",
+    is_flag=True,
+    help=(
+        "Write a tied weight under every name (lm_head.weight and transformer.wte.weight); "
+        "default: once, under the name save_pretrained keeps."
+    ),
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the files zero-ckpt wrote in OUT before (other files in OUT are kept).",
+)
 @part_options
 @json_option
 @common_options
@@ -72,6 +93,8 @@ def consolidate(
     include_optimizer: bool,
     out_format: str,
     model_format: str | None,
+    hf_config_from: str | None,
+    all_tied_names: bool,
     overwrite: bool,
     part: Any,
     workers: int | None,
@@ -83,6 +106,20 @@ def consolidate(
 
     Padding is dropped and fragments are joined, so each parameter comes out whole under its
     model name, in safetensors files that safetensors.torch.load_file reads.
+
+    Tied weights are written once, under the name save_pretrained keeps (--all-tied-names:
+    under every name). --hf-config-from DIR copies the model's config.json,
+    generation_config.json and tokenizer files from DIR (e.g. where
+    model.config.save_pretrained and tokenizer.save_pretrained wrote them; DIR may be OUT).
+
+    OUT may already hold files zero-ckpt does not write (README.md, config.json, your own
+    folders): they are never changed. Weights, index or manifest from an earlier run are
+    refused unless --overwrite, which removes exactly the files zero-ckpt writes (stale
+    model-0000x-of-0000y shards included) and keeps everything else.
+
+    While it runs, OUT holds zero-ckpt-incomplete.json (created exclusively: a second job
+    into OUT fails at once); it is removed after the index, the last file. If it is still
+    there, the job was interrupted and OUT is incomplete: run it again with --overwrite.
 
     With --part I/N (or under torchrun) this process writes only its share of the output
     files (use --max-shard-size to have several); the part that completes the set verifies
@@ -97,6 +134,7 @@ def consolidate(
     Examples:
       zero-ckpt consolidate ./step-1200-dp16 ./hf-out --dtype bfloat16 --max-shard-size 5GB
       zero-ckpt consolidate ./step-1200 ./full --include-optimizer
+      zero-ckpt consolidate ./step-1200 ./hf-out --hf-config-from ./hf-config --dtype bfloat16
       zero-ckpt consolidate SRC ./hf-out --max-shard-size 5GB --part 1/2   # host 1; 0/2 on the other
       zero-ckpt consolidate ./step-1200-dp16 ./torch-out --format torch
     """
@@ -108,6 +146,11 @@ def consolidate(
     if model_format is not None and out_format != "torch":
         raise click.UsageError("--model-format applies to --format torch only")
     if out_format == "torch":
+        if hf_config_from is not None or all_tied_names:
+            raise click.UsageError(
+                "--hf-config-from and --all-tied-names apply to safetensors output; --format "
+                "torch writes every tied name, as a torch state dict has them"
+            )
         if part is not None:
             raise click.UsageError(
                 "--format torch writes one optimizer.pt and cannot be split with --part"
@@ -147,6 +190,8 @@ def consolidate(
             storage_options=opts.storage_options,
             workers=workers,
             part=part,
+            hf_config_from=hf_config_from,
+            all_tied_names=all_tied_names,
         )
     if isinstance(result, PartResult):
         echo_part(result, as_json, "consolidated", src, out, {})

@@ -47,7 +47,11 @@ from cli._common import cli_options, common_options, echo_json, json_option, pro
         "list per param group), when the state dict does not record them."
     ),
 )
-@click.option("--overwrite", is_flag=True, help="Replace DST if it already holds something.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the checkpoint files zero-ckpt wrote in DST before (other files are kept).",
+)
 @json_option
 @common_options
 @click.pass_context
@@ -76,6 +80,12 @@ def convert(
     "optimizer" and "model". It is loaded with torch.load(weights_only=True) and written at
     --to M ranks (default 1). DST gets its manifest last, so an interrupted convert never
     looks complete.
+
+    SRC, --model and --param-names are never written: a DST that is, contains or lies inside
+    any of them is refused. DST may hold files zero-ckpt does not write, outside shards/ (they
+    are kept); checkpoint files already there are refused unless --overwrite, which removes
+    exactly those. While it runs DST holds zero-ckpt-incomplete.json (created exclusively: a
+    second job into DST fails at once); if it is left there the job was interrupted.
 
     \b
     Examples:

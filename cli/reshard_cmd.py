@@ -56,7 +56,11 @@ FORMATS = ("zero-ckpt", "deepspeed", "deepspeed-universal")
     metavar="NAME",
     help="DeepSpeed formats: the tag folder to write (default: the source's tag, else global_step<N>).",
 )
-@click.option("--overwrite", is_flag=True, help="Replace DST if it already holds a checkpoint.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the checkpoint files zero-ckpt wrote in DST before (other files are kept).",
+)
 @part_options
 @json_option
 @common_options
@@ -85,6 +89,14 @@ def reshard(
     a DeepSpeed run folder (its 'latest' file written last) that engine.load_checkpoint(DST)
     resumes at M data-parallel ranks with the optimizer state intact; with --format
     deepspeed-universal, DeepSpeed's universal layout (its 'latest_universal' written last).
+
+    DST may hold files zero-ckpt does not write, outside shards/ (they are kept); a file of
+    another kind inside DST/shards/ is refused. Checkpoint files already there (manifest.json,
+    shards, model.safetensors) are refused unless --overwrite, which removes exactly those
+    (stale shards of another world size included). SRC is never written: a DST inside SRC,
+    containing it, or holding any file the job reads is refused, however spelled. While it
+    runs DST holds zero-ckpt-incomplete.json (created exclusively: a second job into DST
+    fails at once); if it is left there the job was interrupted: re-run with --overwrite.
 
     With --part I/N (or under torchrun) this process writes only its share of the shards;
     the part that completes the set verifies the pooled checksums and writes the manifest.

@@ -157,7 +157,7 @@ def test_convert_then_consolidate_equals_zero_to_fp32(name: str, tmp_path: Path)
     assert manifest.world_size == info["world_size"]
     assert manifest.extra["converted_from"]["format"] == "deepspeed"
     assert zero_ckpt.verify(str(tmp_path / "v1")).ok
-    zero_ckpt.consolidate(str(tmp_path / "v1"), str(tmp_path / "full"), dtype="float32")
+    zero_ckpt.consolidate(str(tmp_path / "v1"), str(tmp_path / "full"), dtype="float32", all_tied_names=True)
     ours = load_file(str(tmp_path / "full" / "model.safetensors"))
     _assert_same(ours, _expected_full(name))
     ref = _zero_to_fp32(name)
@@ -178,7 +178,9 @@ def test_consolidate_directly_from_the_view(name: str, tmp_path: Path) -> None:
 def test_convert_reshard_consolidate_equals_zero_to_fp32(name: str, to: int, tmp_path: Path) -> None:
     convert(_ckpt(name), str(tmp_path / "v1"))
     zero_ckpt.reshard(str(tmp_path / "v1"), str(tmp_path / "re"), world_size=to)
-    zero_ckpt.consolidate(str(tmp_path / "re"), str(tmp_path / "full"), dtype="float32", include_optimizer=True)
+    zero_ckpt.consolidate(
+        str(tmp_path / "re"), str(tmp_path / "full"), dtype="float32", include_optimizer=True, all_tied_names=True
+    )
     _assert_same(load_file(str(tmp_path / "full" / "model.safetensors")), _expected_full(name))
     raw = load_file(str(FIXTURES / name / "raw_params.safetensors"))
     opt = load_file(str(tmp_path / "full" / "optimizer.safetensors"))
@@ -191,7 +193,7 @@ def test_convert_straight_to_another_world_size(name: str, tmp_path: Path) -> No
     m = convert(_ckpt(name), str(tmp_path / "v1"), world_size=3)
     assert m.world_size == 3 and len(m.shards) == 3
     assert zero_ckpt.verify(str(tmp_path / "v1")).ok
-    zero_ckpt.consolidate(str(tmp_path / "v1"), str(tmp_path / "full"), dtype="float32")
+    zero_ckpt.consolidate(str(tmp_path / "v1"), str(tmp_path / "full"), dtype="float32", all_tied_names=True)
     _assert_same(load_file(str(tmp_path / "full" / "model.safetensors")), _expected_full(name))
 
 
@@ -414,10 +416,10 @@ def test_malicious_optim_file_is_refused_and_nothing_runs(tmp_path: Path) -> Non
 
 def test_convert_refuses_an_existing_destination(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("x")
+    (tmp_path / "out" / "manifest.json").write_text("x")  # a checkpoint's file: needs overwrite
     with pytest.raises(CheckpointError, match="already exists"):
         convert(_ckpt("z1_fp32_dp2"), str(tmp_path / "out"))
-    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+    assert (tmp_path / "out" / "manifest.json").read_text() == "x"
 
 
 # ----- CLI --------------------------------------------------------------------------------------------

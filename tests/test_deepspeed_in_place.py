@@ -29,7 +29,7 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
 
 @pytest.mark.parametrize("name", NAMES)
 def test_consolidate_reads_deepspeed_in_place(name: str, tmp_path: Path) -> None:
-    result = zero_ckpt.consolidate(_ckpt(name), str(tmp_path / "hf"), dtype="float32")
+    result = zero_ckpt.consolidate(_ckpt(name), str(tmp_path / "hf"), dtype="float32", all_tied_names=True)
     assert result.files == ["model.safetensors"]
     _assert_same(load_file(str(tmp_path / "hf" / "model.safetensors")), _expected_full(name))
 
@@ -39,7 +39,7 @@ def test_reshard_reads_deepspeed_in_place(name: str, tmp_path: Path) -> None:
     manifest = zero_ckpt.reshard(_ckpt(name), str(tmp_path / "v1"), world_size=3)
     assert manifest.world_size == 3 and manifest.extra["converted_from"]["format"] == "deepspeed"
     assert zero_ckpt.verify(str(tmp_path / "v1")).ok
-    zero_ckpt.consolidate(str(tmp_path / "v1"), str(tmp_path / "hf"), dtype="float32")
+    zero_ckpt.consolidate(str(tmp_path / "v1"), str(tmp_path / "hf"), dtype="float32", all_tied_names=True)
     _assert_same(load_file(str(tmp_path / "hf" / "model.safetensors")), _expected_full(name))
 
 

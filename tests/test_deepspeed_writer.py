@@ -414,10 +414,10 @@ def test_refusals_leave_the_destination_alone(tmp_path: Path) -> None:
         write_deepspeed_universal(_ckpt("z2_fp32_dp4_elastic"), str(tmp_path / "a"))
     assert not (tmp_path / "a").exists()
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "keep.txt").write_text("x")
+    (tmp_path / "b" / "latest").write_text("global_step9")  # a DeepSpeed run's file: needs overwrite
     with pytest.raises(DestinationExistsError):
         write_deepspeed(_ckpt("z1_fp32_dp2"), str(tmp_path / "b"), world_size=3)
-    assert [p.name for p in (tmp_path / "b").iterdir()] == ["keep.txt"]
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["latest"]
     torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="torch checkpoint"):
         write_deepspeed(str(tmp_path / "plain.pt"), str(tmp_path / "c"), world_size=2)

@@ -402,7 +402,10 @@ def test_aliases_survive_reshard_and_are_consolidated_and_readable(tmp_path: Pat
     assert _manifest_doc(tmp_path / "back") == _manifest_doc(tmp_path / "src")
     doc = _manifest_doc(tmp_path / "mid")
     assert doc["groups"][1]["params"][0]["aliases"] == ["lm_head.weight"]
-    zero_ckpt.consolidate(str(tmp_path / "mid"), str(tmp_path / "out"), dtype="float32")
+    # tied weights are written once by default (save_pretrained-style), every name on request
+    zero_ckpt.consolidate(str(tmp_path / "mid"), str(tmp_path / "once"), dtype="float32")
+    assert "lm_head.weight" not in _load_dir(tmp_path / "once")
+    zero_ckpt.consolidate(str(tmp_path / "mid"), str(tmp_path / "out"), dtype="float32", all_tied_names=True)
     out = _load_dir(tmp_path / "out")
     want = expected_param(inputs, "head.w")
     assert _bitwise_equal(out["head.w"], want) and _bitwise_equal(out["lm_head.weight"], want)

@@ -2,19 +2,29 @@
 
 The output is Hugging Face style safetensors (``model.safetensors`` or
 ``model-0000i-of-0000K.safetensors`` + ``model.safetensors.index.json``), values from the fp32
-masters cast per chunk, so memory stays bounded even for a parameter larger than RAM. With
+masters cast per chunk, so memory stays bounded even for a parameter larger than RAM. Tied
+weights are written once, as ``save_pretrained`` does (see :func:`tied_names_for`), and
+``hf_config_from`` copies a model's Hugging Face config and tokenizer files next to the
+weights, so ``AutoModelForCausalLM.from_pretrained(out)`` loads the folder as it is.
+
+Completion: the job claims ``out`` with the marker ``zero-ckpt-incomplete.json`` before it
+writes anything and removes it after the last file (the index) is in place; a folder holding
+the marker is incomplete (see :mod:`zero_ckpt.destination`). With
 ``part`` the output files are split over processes or hosts (see :mod:`zero_ckpt.parts`): an
 output file is the unit of work, so use ``max_shard_size`` to get several.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from zero_ckpt import __version__
 from zero_ckpt.formats import open_source
-from zero_ckpt.errors import CorruptShardError, raise_problems
+from zero_ckpt import knobs
+from zero_ckpt.errors import CheckpointError, CorruptShardError, MissingShardError, raise_problems
 from zero_ckpt.manifest import Manifest
 from zero_ckpt.parts import PartResult, PartSpec, PartWork, make_job, resolve_part, run_part
 from zero_ckpt.plan import ConsolidatePlan, plan_consolidate
@@ -29,7 +39,32 @@ from zero_ckpt.transfer import (
     run_file_plans,
 )
 
-__all__ = ["consolidate", "ConsolidateResult"]
+__all__ = ["consolidate", "ConsolidateResult", "HF_FILES", "tied_names_for"]
+
+# What a Hugging Face model folder holds besides its weights (config, generation settings,
+# tokenizer and processor files): what ``hf_config_from`` copies when present.
+HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+_HF_CONFIG = "config.json"
+# Names Hugging Face drops from a tied set when it cannot ask the model class (nearly every
+# causal LM declares ``_tied_weights_keys = {"lm_head.weight": <input embedding>}``).
+_DEFAULT_TIED_KEYS = (r"lm_head\.weight",)
 
 
 @dataclass(frozen=True)
@@ -56,6 +91,9 @@ def consolidate(
     chunk_bytes: int | None = None,
     fsync: bool | None = None,
     part: tuple[int, int] | str | PartSpec | None = None,
+    hf_config_from: str | None = None,
+    hf_storage_options: dict[str, Any] | None = None,
+    all_tied_names: bool = False,
 ) -> ConsolidateResult | PartResult:
     """Write full tensors of the checkpoint at ``src`` to the directory ``out``.
 
@@ -66,46 +104,221 @@ def consolidate(
     ``model.safetensors`` (buffers, frozen params) is carried into the model files. Every
     master read is verified against the manifest's checksums.
 
+    ``hf_config_from``: a Hugging Face model folder (URL; ``hf_storage_options``, default
+    ``storage_options``); its ``config.json`` (required), ``generation_config.json`` and
+    tokenizer files (:data:`HF_FILES`, those present) are copied next to the weights, streamed
+    through the storage layer; they count as this job's output (``overwrite`` replaces them).
+    The folder may be ``out`` itself (nothing is copied then). Tied weights (a param with
+    aliases) are written under one name, the one ``save_pretrained`` keeps
+    (:func:`tied_names_for`), unless ``all_tied_names``.
+
+    ``out`` may hold files zero-ckpt does not write (a ``README.md``, user folders): they are
+    kept. Files zero-ckpt writes there (earlier weights, an index, ``manifest.json``) make the
+    call refuse unless ``overwrite``, which removes exactly those first. A second job into the
+    same ``out`` fails at once; an interrupted one leaves ``out/zero-ckpt-incomplete.json``
+    (see :mod:`zero_ckpt.destination`).
+
     ``part``: ``(i, n)`` (or ``"i/n"``) writes only part i of the output files split n ways
     and returns a :class:`~zero_ckpt.parts.PartResult`; the part that completes the set
-    verifies the pooled source checksums and writes the index/optimizer documents. Until then
-    ``out/_parts/`` marks the output incomplete. ``"auto"``: ``(RANK, WORLD_SIZE)`` under
-    torchrun (a collective; rank 0 commits), else the whole job.
+    verifies the pooled source checksums and writes the index/optimizer documents (and copies
+    the Hugging Face files). Until then ``out/_parts/`` marks the output incomplete.
+    ``"auto"``: ``(RANK, WORLD_SIZE)`` under torchrun (a collective; rank 0 commits), else the
+    whole job.
     """
     spec = resolve_part(part)
-    with open_location(src, storage_options) as s, open_location(
-        out, storage_options if out_storage_options is None else out_storage_options
-    ) as d:
-        if spec is not None:
-            return run_part(
-                spec, s, d,
-                lambda: _part_work(s, d, dtype, max_shard_size, include_optimizer, spec.parts),
-                overwrite=overwrite, workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
-                progress=progress,
-            )
-        manifest, by_path, header_crcs, plan = _plan(s, dtype, max_shard_size, include_optimizer)
-        check_reads(d, sources=(s,), files=[(s, f.path) for f in _source_files(manifest)])
-        with claim_destination(d, "consolidate", overwrite):
-            prepare_output(d, overwrite, folders=())
-            checks = SourceChecks()
-            tracker = ProgressTracker(progress, sum(op.src_nbytes for f in plan.files for op in f.ops))
-            written = run_file_plans(
-                s, d, plan.files, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
-                checks=checks, fsync=fsync,
-            )
-            try:
-                raise_problems(
-                    checks.problems(s, _source_files(manifest), by_path, header_crcs), CorruptShardError
+    o_opts = storage_options if out_storage_options is None else out_storage_options
+    h_opts = storage_options if hf_storage_options is None else hf_storage_options
+    with open_location(src, storage_options) as s, open_location(out, o_opts) as d:
+        hf = _HfFiles.open(hf_config_from, h_opts, d)
+        try:
+            if spec is not None:
+                return run_part(
+                    spec, s, d,
+                    lambda: _part_work(
+                        s, d, dtype, max_shard_size, include_optimizer, spec.parts, hf,
+                        all_tied_names, chunk_bytes, fsync,
+                    ),
+                    overwrite=overwrite, workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
+                    progress=progress,
                 )
-                for name, data in _documents_in_order(plan.documents):
-                    d.write_atomic(name, data)
-            except BaseException:
-                for path in [*written, *plan.documents]:
-                    d.remove(path)
-                raise
-    names = [f.path for f in plan.files] + list(plan.documents)
-    total = sum(w.bytes for w in written.values()) + sum(len(b) for b in plan.documents.values())
+            manifest, by_path, header_crcs, plan = _plan(
+                s, dtype, max_shard_size, include_optimizer, hf, all_tied_names
+            )
+            check_reads(d, sources=(s,), files=[(s, f.path) for f in _source_files(manifest)])
+            hf.check_reads(d)
+            with claim_destination(d, "consolidate", overwrite):
+                prepare_output(d, overwrite, outputs=hf.outputs, folders=())
+                checks = SourceChecks()
+                tracker = ProgressTracker(progress, sum(op.src_nbytes for f in plan.files for op in f.ops))
+                written = run_file_plans(
+                    s, d, plan.files, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
+                    checks=checks, fsync=fsync,
+                )
+                copied: list[str] = []
+                try:
+                    raise_problems(
+                        checks.problems(s, _source_files(manifest), by_path, header_crcs), CorruptShardError
+                    )
+                    copied = hf.copy_to(d, chunk_bytes, fsync)
+                    for name, data in _documents_in_order(plan.documents):
+                        d.write_atomic(name, data)
+                except BaseException:
+                    for path in [*written, *hf.outputs, *plan.documents]:
+                        d.remove(path)
+                    raise
+        finally:
+            hf.close()
+    names = [f.path for f in plan.files] + copied + [n for n, _ in _documents_in_order(plan.documents)]
+    total = (
+        sum(w.bytes for w in written.values()) + hf.copied_bytes
+        + sum(len(b) for b in plan.documents.values())
+    )
     return ConsolidateResult(out, names, total)
+
+
+def tied_names_for(
+    manifest: Manifest,
+    config: Mapping[str, Any] | None = None,
+    *,
+    all_tied_names: bool = False,
+    tied_keys: Sequence[str] | None = None,
+) -> dict[str, tuple[str, ...]] | None:
+    """For each param with aliases (tied weights), the names its value is written under, as
+    ``save_pretrained`` does; None means every name (``all_tied_names``).
+
+    Without a config: the param's recorded name only (the first name ``named_parameters``
+    gives, e.g. GPT-2's ``transformer.wte.weight``; ``lm_head.weight`` is then its alias). With a
+    Hugging Face ``config`` whose ``tie_word_embeddings`` is false, every name (the model will
+    not tie them, so it needs each). Otherwise Hugging Face's rule: of a tied set, the names
+    matching the model class's ``_tied_weights_keys`` (``tied_keys``; default: looked up from
+    ``config["architectures"]`` when transformers is installed, else ``lm_head.weight``) are
+    dropped, in sorted order, keeping at least one; if none match, the recorded name is kept.
+    """
+    if all_tied_names:
+        return None
+    if config is not None and config.get("tie_word_embeddings", True) is False:
+        return None
+    patterns = list(tied_keys) if tied_keys is not None else None
+    out: dict[str, tuple[str, ...]] = {}
+    for group in manifest.groups:
+        for p in group.params:
+            if not p.aliases:
+                continue
+            names = (p.name, *p.aliases)
+            if config is None:
+                out[p.name] = (p.name,)
+                continue
+            if patterns is None:
+                patterns = _model_tied_keys(config)
+            drop: set[str] = set()
+            for name in sorted(names):
+                if len(drop) + 1 >= len(names):
+                    break
+                if any(re.search(pat, name) for pat in patterns):
+                    drop.add(name)
+            kept = tuple(n for n in names if n not in drop)
+            out[p.name] = kept if drop else (p.name,)
+    return out
+
+
+def _model_tied_keys(config: Mapping[str, Any]) -> list[str]:
+    """The ``_tied_weights_keys`` of the config's architecture, when transformers has it."""
+    try:
+        import transformers  # optional: only to ask the model class its tied names
+    except ImportError:
+        return list(_DEFAULT_TIED_KEYS)
+    keys: list[str] = []
+    for arch in config.get("architectures") or []:
+        try:
+            cls = getattr(transformers, str(arch), None)
+        except Exception:  # noqa: BLE001 - a lazy import that fails: fall back
+            cls = None
+        found = getattr(cls, "_tied_weights_keys", None)
+        if isinstance(found, Mapping):
+            keys += [str(k) for k in found]
+        elif isinstance(found, (list, tuple)):
+            keys += [str(k) for k in found]
+    return keys or list(_DEFAULT_TIED_KEYS)
+
+
+class _HfFiles:
+    """The Hugging Face files ``hf_config_from`` names: which exist, their config, the copy."""
+
+    def __init__(self, loc: Location | None, names: list[str], config: Mapping[str, Any] | None,
+                 same_as_out: bool) -> None:
+        self.loc = loc
+        self.names = names
+        self.config = config
+        self.same_as_out = same_as_out
+        self.copied_bytes = 0
+
+    @classmethod
+    def open(cls, url: str | None, options: dict[str, Any] | None, out: Location) -> "_HfFiles":
+        if url is None:
+            return cls(None, [], None, False)
+        loc = open_location(url, options)
+        try:
+            cfg_url = loc.url_of(_HF_CONFIG)
+            try:
+                raw = loc.read_bytes(_HF_CONFIG)
+            except MissingShardError:
+                raise MissingShardError(
+                    f"{cfg_url} is missing: --hf-config-from needs a Hugging Face model folder "
+                    "holding config.json (model.config.save_pretrained(DIR) writes one)",
+                    path=cfg_url,
+                ) from None
+            try:
+                config = json.loads(raw)
+                if not isinstance(config, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                raise CheckpointError(
+                    f"{cfg_url} is not a JSON object ({exc}); point --hf-config-from at a folder "
+                    "that model.config.save_pretrained wrote",
+                    path=cfg_url,
+                ) from None
+            same = type(loc.fs) is type(out.fs) and loc.canonical_root() == out.canonical_root()
+            names = [] if same else [n for n in HF_FILES if loc.exists(n)]
+            return cls(loc, names, config, same)
+        except BaseException:
+            loc.close()
+            raise
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Files this job writes in ``out`` (counted as its own for ``overwrite``)."""
+        return tuple(self.names)
+
+    def check_reads(self, out: Location) -> None:
+        if self.loc is not None and not self.same_as_out:
+            check_reads(out, sources=(self.loc,))
+
+    def copy_to(self, d: Location, chunk_bytes: int | None, fsync: bool | None) -> list[str]:
+        """Stream every file into ``d`` (each visible only when complete)."""
+        if self.loc is None:
+            return []
+        chunk = chunk_bytes or knobs.chunk_bytes()
+        for name in self.names:
+            size = self.loc.size(name)
+            with d.writer(name, size) as w:
+                for start in range(0, size, chunk):
+                    data = self.loc.read_range(name, start, min(size, start + chunk))
+                    if not data:
+                        break
+                    w.write(data)
+                if w.bytes_written != size:
+                    raise CorruptShardError(
+                        f"{self.loc.url_of(name)} changed size while it was copied "
+                        f"({w.bytes_written} bytes read, {size} expected); run the job again",
+                        path=self.loc.url_of(name),
+                    )
+                w.commit(fsync=fsync)
+            self.copied_bytes += size
+        return list(self.names)
+
+    def close(self) -> None:
+        if self.loc is not None:
+            self.loc.close()
 
 
 def _documents_in_order(documents: Mapping[str, bytes]) -> list[tuple[str, bytes]]:
@@ -119,7 +332,8 @@ def _source_files(manifest: Manifest) -> list:
 
 
 def _plan(
-    s: Location, dtype: str | None, max_shard_size: int | None, include_optimizer: bool
+    s: Location, dtype: str | None, max_shard_size: int | None, include_optimizer: bool,
+    hf: _HfFiles, all_tied_names: bool,
 ) -> tuple[Manifest, dict[str, SafetensorsHeader], dict[str, int], ConsolidatePlan]:
     # Format v1 or DeepSpeed (whose shards are its .pt files, located byte range by range).
     manifest, headers, header_crcs, model_header = open_source(s)
@@ -130,26 +344,36 @@ def _plan(
     plan = plan_consolidate(
         manifest, headers, model_header, dtype=dtype, max_shard_size=max_shard_size,
         include_optimizer=include_optimizer,
+        tied_names=tied_names_for(manifest, hf.config, all_tied_names=all_tied_names),
     )
     return manifest, by_path, header_crcs, plan
 
 
 def _part_work(
     s: Location, d: Location, dtype: str | None, max_shard_size: int | None,
-    include_optimizer: bool, parts: int,
+    include_optimizer: bool, parts: int, hf: _HfFiles, all_tied_names: bool,
+    chunk_bytes: int | None, fsync: bool | None,
 ) -> PartWork:
-    manifest, by_path, header_crcs, plan = _plan(s, dtype, max_shard_size, include_optimizer)
+    manifest, by_path, header_crcs, plan = _plan(
+        s, dtype, max_shard_size, include_optimizer, hf, all_tied_names
+    )
+    hf.check_reads(d)
     options = {"dtype": dtype, "max_shard_size": max_shard_size, "include_optimizer": include_optimizer}
+    if hf.loc is not None:
+        options["hf_files"] = list(hf.names)
+    if all_tied_names:
+        options["all_tied_names"] = True
     summary = "consolidate" + "".join(
         f", {k} {v}" for k, v in options.items() if v not in (None, False)
     )
     job = make_job("consolidate", options, manifest, parts, __version__, summary)
 
     def commit(written: Mapping[str, WrittenFile]) -> None:
+        hf.copy_to(d, chunk_bytes, fsync)
         for name, data in _documents_in_order(plan.documents):
             d.write_atomic(name, data)
 
     return PartWork(
-        job, plan.files, tuple(plan.documents), tuple(_source_files(manifest)), by_path,
-        header_crcs, commit,
+        job, plan.files, tuple(hf.outputs) + tuple(plan.documents), tuple(_source_files(manifest)),
+        by_path, header_crcs, commit,
     )

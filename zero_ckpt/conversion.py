@@ -241,6 +241,7 @@ def consolidate_source(
     fsync: bool | None = None,
     format: str = "safetensors",
     model_format: str = "safetensors",
+    all_tied_names: bool = True,
 ) -> list[str]:
     """Full named tensors of the checkpoint at ``src`` (any readable format) in ``out``, as
     :func:`zero_ckpt.consolidate` writes them; returns the files written (relative to ``out``).
@@ -253,7 +254,9 @@ def consolidate_source(
 
     For a DeepSpeed ZeRO-1/2 checkpoint the result holds what DeepSpeed's ``zero_to_fp32.py``
     gives (bit for bit with ``dtype="float32"``), plus the frozen params ZeRO-1 checkpoints keep
-    only in the module weights and every tied name, in bounded memory.
+    only in the module weights and every tied name (as a torch state dict has them; pass
+    ``all_tied_names=False`` for one name per tied set, as ``save_pretrained`` writes), in
+    bounded memory.
     """
     if format == "torch":
         from zero_ckpt.formats.torch_optim import export_torch
@@ -284,6 +287,6 @@ def consolidate_source(
         src, out, dtype=dtype, max_shard_size=max_shard_size,
         include_optimizer=include_optimizer, overwrite=overwrite, progress=progress,
         storage_options=storage_options, out_storage_options=out_storage_options,
-        workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
+        workers=workers, chunk_bytes=chunk_bytes, fsync=fsync, all_tied_names=all_tied_names,
     )
     return list(result.files)

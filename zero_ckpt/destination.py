@@ -227,6 +227,13 @@ def _parse_claim(data: bytes, url: str, live: bool | None) -> ClaimInfo:
         return ClaimInfo(url, "unknown job", "unknown host", -1, "unknown time", live)
 
 
+def _token_of(data: bytes) -> str | None:
+    try:
+        return str(json.loads(data).get("token"))
+    except (ValueError, AttributeError):
+        return None
+
+
 def _pid_alive(host: str, pid: int) -> bool | None:
     if host != socket.gethostname():
         return None
@@ -432,6 +439,8 @@ class claim_destination:
             if head is None:
                 continue  # released meanwhile
             body = s3.get(CLAIM_NAME, url)
+            if _token_of(body) == claim.token:
+                return  # our own PUT landed, its answer was lost and the retry refused
             info0 = _parse_claim(body, url, None)
             info = ClaimInfo(info0.url, info0.job, info0.host, info0.pid, info0.started,
                              _pid_alive(info0.host, info0.pid))

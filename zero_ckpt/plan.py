@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from zero_core.layout import GroupLayout
 from zero_ckpt.checks import expected_shard_tensors
@@ -283,12 +283,15 @@ def plan_consolidate(
     dtype: str | None = None,
     max_shard_size: int | None = None,
     include_optimizer: bool = False,
+    tied_names: Mapping[str, Sequence[str]] | None = None,
 ) -> ConsolidatePlan:
     """Plan full named tensors as Hugging Face style safetensors.
 
-    Model files hold every param (aliases too, each a full copy) from the fp32 masters cast to
-    ``dtype`` (default: each param's recorded dtype), then the tensors of the checkpoint's
-    model file (floating ones cast only when ``dtype`` is given). More than ``max_shard_size``
+    Model files hold every param from the fp32 masters cast to ``dtype`` (default: each
+    param's recorded dtype), then the tensors of the checkpoint's model file (floating ones
+    cast only when ``dtype`` is given). A param with aliases (tied weights) is written under
+    the names ``tied_names[param.name]`` gives (each a full copy; safetensors has no aliasing),
+    by default under its name and every alias. More than ``max_shard_size``
     bytes -> ``model-0000i-of-0000K.safetensors`` plus ``model.safetensors.index.json``.
     ``include_optimizer`` adds ``optimizer*.safetensors`` (``{param}.{key}`` for master and
     every state, in their stored dtype) and ``optimizer.json`` (groups, hyperparameters,
@@ -303,7 +306,15 @@ def plan_consolidate(
     model_tensors: list[_OutTensor] = []
     for gi, group in enumerate(manifest.groups):
         for pi, p in enumerate(group.params):
-            for name in (p.name, *p.aliases):
+            names = (p.name, *p.aliases)
+            if tied_names is not None and p.name in tied_names:
+                names = tuple(tied_names[p.name])
+                if not names or not set(names) <= {p.name, *p.aliases}:
+                    raise LayoutMismatchError(
+                        f"tied names {list(names)} for {p.name!r} must be a non-empty subset of "
+                        f"its names {[p.name, *p.aliases]}"
+                    )
+            for name in names:
                 model_tensors.append(_OutTensor(name, dtype or p.dtype, p.shape, gi, pi, "master"))
     taken = {t.name for t in model_tensors}
     if model_header is not None:
