@@ -78,6 +78,7 @@ class Config:
     clip: float | None = None
     sched: bool = False
     steps: int = 3
+    step_chunk: int = 0  # ZeroOptimizer's step_chunk_numel (0: whole partition)
     tol: dict[str, float] = field(default_factory=lambda: dict(TIGHT))
 
 
@@ -96,11 +97,14 @@ CONFIGS = {
     "sgd-s2-align64": Config(
         torch.optim.SGD, 2, {"momentum": 0.9, "nesterov": True}, lrs=(0.1, 0.05), align=64
     ),
-    "adagrad-s2": Config(torch.optim.Adagrad, 2, {"initial_accumulator_value": 0.1}, align=8),
+    "adagrad-s2": Config(
+        torch.optim.Adagrad, 2, {"initial_accumulator_value": 0.1}, align=8, step_chunk=9
+    ),
     # centered RMSprop divides by sqrt(E[g^2] - E[g]^2): a cancellation that turns fp32
     # rounding of the averaged gradient (1/3 is inexact) into ~1e-5 relative differences
     "rmsprop-s1": Config(
         torch.optim.RMSprop, 1, {"momentum": 0.5, "centered": True}, lrs=(1e-2, 2e-2), clip=0.5,
+        step_chunk=7,
         tol={"rtol": 1e-4, "atol": 1e-5},
     ),
 }
@@ -119,6 +123,7 @@ def run_parity(rank: int, world_size: int, cfg: Config) -> None:
         stage=cfg.stage,
         align=cfg.align,
         bucket_numel=cfg.bucket_numel,
+        step_chunk_numel=cfg.step_chunk,
         **cfg.kwargs,
     )
     ref_opt = cfg.cls(named_groups(ref, cfg.lrs), **cfg.kwargs)

@@ -73,7 +73,9 @@ def run_matrix_config(rank: int, world_size: int, cfg: tuple) -> None:
     cls, kwargs = OPTIMIZERS[name]
     model, ref_model = Net(dtype), Net(dtype)
     opt = ZeroOptimizer(
+        # step_chunk_numel: the wrapped optimizer steps 13-element chunks (bit-identical)
         model.named_parameters(), cls, stage=stage, offload=offload, align=4, bucket_numel=40,
+        step_chunk_numel=13 if name != "adamw" else 0,
         comm_dtype=torch.float32, loss_scale="dynamic",
         loss_scale_options={"init_scale": 2.0**10, "hysteresis": 1}, **kwargs,
     )

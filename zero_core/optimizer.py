@@ -66,6 +66,9 @@ __all__ = [
 DEFAULT_ALIGN = 64
 #: Gradient bucket size in elements (stage 2; a larger param is split over several buckets).
 DEFAULT_BUCKET_NUMEL = 2**22
+#: The wrapped optimizer steps the partition in chunks of this many elements, so its
+#: temporaries (Adam: two partition-sized tensors) stay chunk-sized; 0 steps it whole.
+DEFAULT_STEP_CHUNK_NUMEL = 2**22
 
 #: Optimizer class names (matched case-insensitively as substrings) refused because their update
 #: of one element depends on other elements (layer-wise trust ratios, factored or matrix
@@ -283,6 +286,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         bucket_numel: stage-2 gradient bucket size in elements; the pool holds
             ``max_in_flight + 1`` buffers of at most this size.
         max_in_flight: stage-2 bucket reductions outstanding at once.
+        step_chunk_numel: the wrapped optimizer steps the partition in chunks of this many
+            elements (views of the same master and state tensors, so the result is
+            bit-identical), keeping its temporaries chunk-sized; 0 steps it whole.
         comm_dtype: dtype gradients travel and are summed in across ranks (DeepSpeed's
             ``communication_data_type``; default: the model dtype; ``torch.float32`` for exact
             sums of bf16/fp16 gradients). ``reduce_dtype`` is an older alias.
@@ -333,6 +339,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         align: int = DEFAULT_ALIGN,
         bucket_numel: int = DEFAULT_BUCKET_NUMEL,
         max_in_flight: int = 2,
+        step_chunk_numel: int = DEFAULT_STEP_CHUNK_NUMEL,
         comm_dtype: torch.dtype | None = None,
         reduce_dtype: torch.dtype | None = None,
         gradient_predivide_factor: float = 1.0,
@@ -404,6 +411,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.stage = stage
         self.align = align
         self.bucket_numel = bucket_numel
+        if isinstance(step_chunk_numel, bool) or not isinstance(step_chunk_numel, int) or step_chunk_numel < 0:
+            raise ZeroConfigError(
+                f"step_chunk_numel must be an int >= 0 (elements; 0: no chunking), got "
+                f"{step_chunk_numel!r}"
+            )
+        self.step_chunk_numel = step_chunk_numel
         self.offload = "cpu" if offload == "cpu" else None
         self.master_copy = bool(master_copy)
         self.no_grad_rule = no_grad_rule
@@ -662,7 +675,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for device in set(copies):  # the host copies must land before the CPU step reads them
             torch.cuda.current_stream(device).synchronize()
         try:
-            self.optim.step(**kwargs)
+            self._step_wrapped(kwargs)
         finally:
             for fg in self._groups:
                 fg.master.grad = None
@@ -676,6 +689,79 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = False
         reducer.consume()
         return loss
+
+    def _step_wrapped(self, kwargs: dict[str, Any]) -> None:
+        """The wrapped optimizer's step over every group that has a gradient; a partition
+        larger than ``step_chunk_numel`` is stepped chunk by chunk.
+
+        A chunk is a Parameter sharing the master's storage, its grad and tensor state are
+        views of the partition's, and each chunk gets its own copy of the scalar state (``step``
+        is advanced once per chunk, then kept once). State the optimizer creates on its first
+        step is gathered into partition-sized tensors, so ``state_partitions`` stays one tensor
+        per key; state it replaces instead of updating in place is copied back.
+        """
+        limit = self.step_chunk_numel
+        chunked = [
+            g for g, fg in enumerate(self._groups)
+            if limit and fg.master.grad is not None and fg.layout.partition_numel > limit
+        ]
+        if not chunked:
+            self.optim.step(**kwargs)
+            return
+        saved_grads = {}
+        for g in chunked:  # stepped below, chunk by chunk; the others in one step here
+            saved_grads[g] = self._groups[g].master.grad
+            self._groups[g].master.grad = None
+        if any(fg.master.grad is not None for fg in self._groups):
+            self.optim.step(**kwargs)
+        all_groups = self.optim.param_groups
+        try:
+            for g in chunked:
+                fg = self._groups[g]
+                group = all_groups[g]
+                grad = saved_grads[g]
+                full = self.optim.state.get(fg.master, {})
+                pn = fg.layout.partition_numel
+                new_full: dict[str, Any] = {}
+                self.optim.param_groups = [group]
+                for lo in range(0, pn, limit):
+                    hi = min(lo + limit, pn)
+                    chunk = torch.nn.Parameter(fg.master_data[lo:hi])
+                    chunk.grad = grad[lo:hi]
+                    views = {}
+                    for key, value in full.items():
+                        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == pn:
+                            views[key] = value[lo:hi]
+                        elif isinstance(value, torch.Tensor):
+                            views[key] = value.clone()
+                        else:
+                            views[key] = copy.deepcopy(value)
+                    self.optim.state[chunk] = dict(views)
+                    group["params"] = [chunk]
+                    try:
+                        self.optim.step(**kwargs)
+                    finally:
+                        group["params"] = [fg.master]
+                    after = self.optim.state.pop(chunk, {})
+                    for key, value in after.items():
+                        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == hi - lo:
+                            target = new_full.get(key)
+                            if target is None:
+                                target = full.get(key)
+                                if not (isinstance(target, torch.Tensor) and target.numel() == pn):
+                                    target = torch.zeros(pn, dtype=value.dtype, device=value.device)
+                                new_full[key] = target
+                            if value.data_ptr() != target[lo:hi].data_ptr():
+                                target[lo:hi].copy_(value)
+                        else:
+                            new_full[key] = value  # scalars: every chunk ends with the same
+                    if fg.master_data[lo:hi].data_ptr() != chunk.data_ptr():
+                        fg.master_data[lo:hi].copy_(chunk.detach())
+                self.optim.state[fg.master] = new_full
+        finally:
+            self.optim.param_groups = all_groups
+            for g, grad in saved_grads.items():
+                self._groups[g].master.grad = grad
 
     def _host_grad(self, g: int) -> torch.Tensor:
         host = self._host_grads[g]
