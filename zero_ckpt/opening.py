@@ -16,10 +16,11 @@ from zero_ckpt.errors import (
     CheckpointError,
     CorruptShardError,
     IncompleteCheckpointError,
+    ManifestError,
     Problem,
     raise_problems,
 )
-from zero_ckpt.manifest import MANIFEST_NAME, FileMeta, Manifest
+from zero_ckpt.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileMeta, Manifest
 from zero_ckpt.safetensors_format import SafetensorsHeader, header_length, parse_header
 from zero_ckpt.storage import Location
 
@@ -40,7 +41,12 @@ def load_manifest(loc: Location) -> Manifest:
             path=loc.url_of(MANIFEST_NAME),
         )
     url = loc.url_of(MANIFEST_NAME)
-    return Manifest.from_json(loc.read_bytes(MANIFEST_NAME), url).validate(url)
+    try:
+        # Refused by size before it is read: a manifest is never larger than this.
+        data = loc.read_bytes(MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES)
+    except CorruptShardError as exc:
+        raise ManifestError(f"{exc}", path=url) from None
+    return Manifest.from_json(data, url).validate(url)
 
 
 def read_header(loc: Location, rel: str, file_bytes: int | None = None) -> tuple[SafetensorsHeader, int]:
