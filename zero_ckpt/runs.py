@@ -47,6 +47,7 @@ __all__ = [
     "update_latest",
     "read_latest",
     "resolve_checkpoint",
+    "latest_zero_ckpt",
     "list_checkpoints",
     "scan_run",
     "plan_retention",
@@ -211,6 +212,22 @@ def resolve_checkpoint(url: str, storage_options: dict[str, Any] | None = None) 
                 path=target,
             )
         return target
+
+
+def latest_zero_ckpt(loc: Location) -> str | None:
+    """For a run directory whose ``latest`` names a format-v1 checkpoint (one with
+    ``manifest.json``): that checkpoint's URL; else None (``loc`` is itself a checkpoint, a
+    DeepSpeed run folder, or holds no such pointer). Never raises for a damaged ``latest``:
+    the caller then reads ``loc`` as it is and reports what it finds."""
+    if loc.exists(MANIFEST_NAME):
+        return None
+    try:
+        name = _read_latest(loc)
+    except RunDirectoryError:
+        return None
+    if name is None or not loc.exists(f"{name}/{MANIFEST_NAME}"):
+        return None
+    return loc.url_of(name)
 
 
 # ----- listing ---------------------------------------------------------------------------------

@@ -115,6 +115,9 @@ def inspect_checkpoint(
 ) -> dict[str, Any]:
     """Read ``url``'s manifest and return :func:`summarize` of it (reads no tensor data).
 
+    A run directory whose ``latest`` names a format-v1 checkpoint is read as that checkpoint
+    (``path`` in the result names it); a DeepSpeed folder is read as its format-v1 view.
+
     Raises the :class:`~zero_ckpt.errors.CheckpointError` that opening raises (incomplete
     checkpoint, unreadable or unsupported manifest, ...).
     """
@@ -123,6 +126,11 @@ def inspect_checkpoint(
     from zero_ckpt.opening import load_manifest
     from zero_ckpt.storage import open_location
 
+    from zero_ckpt.runs import latest_zero_ckpt
+
+    with open_location(url, storage_options) as probe:
+        # a run directory whose latest names a format-v1 checkpoint: that checkpoint
+        url = latest_zero_ckpt(probe) or url
     with open_location(url, storage_options) as loc:
         fmt = detect_location_format(loc)
         # Format v1: the manifest alone (no shard is touched); others: their format-v1 view.

@@ -60,11 +60,19 @@ def verify(
 ) -> VerifyReport:
     """Check the checkpoint at ``src``: manifest consistent, every shard and the model file
     present, of the recorded size, with headers matching the layout and checksums (whole file
-    and per tensor) matching. Returns every problem found; raises only for storage failures
-    that prevent reading at all."""
+    and per tensor) matching. A run directory whose ``latest`` names a format-v1 checkpoint
+    verifies that one (a note says so); a DeepSpeed folder is checked as ``_verify_deepspeed``
+    says. Returns every problem found; raises only for storage failures that prevent reading
+    at all."""
+    from zero_ckpt.runs import latest_zero_ckpt
+
     chunk = chunk_bytes or knobs.chunk_bytes()
-    report = VerifyReport(src)
-    with open_location(src, storage_options) as loc:
+    with open_location(src, storage_options) as probe:
+        resolved = latest_zero_ckpt(probe)
+    report = VerifyReport(resolved or src)
+    if resolved is not None:
+        report.notes.append(f"{src} is a run directory: verified {resolved}, which its latest file names")
+    with open_location(resolved or src, storage_options) as loc:
         try:
             if detect_location_format(loc) == "deepspeed":
                 return _verify_deepspeed(loc, report, chunk, progress)
