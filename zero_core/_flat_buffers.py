@@ -127,9 +127,12 @@ def build_flat_group(
         dtype, device = trainable[0].param.dtype, trainable[0].param.device
     else:
         dtype, device = MASTER_DTYPE, torch.device("cpu")
-    flat = torch.zeros(layout.padded_numel, dtype=dtype, device=device)
+    # empty, not zeros: pages are touched as each param moves in and its old storage is
+    # released, so building the buffer never holds two copies of the model
+    flat = torch.empty(layout.padded_numel, dtype=dtype, device=device)
     params = [e.param for e in trainable]
     with torch.no_grad():
+        flat[layout.numel :].zero_()
         for spec, p in zip(layout.params, params):
             view = flat[spec.offset : spec.end].view(spec.shape)
             view.copy_(p.detach())

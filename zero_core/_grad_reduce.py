@@ -129,6 +129,20 @@ class Comm:
             if inp.data_ptr() != out.data_ptr():
                 out.copy_(inp)
             return
+        n = inp.numel()
+        if out.device.type == "cpu" and inp.data_ptr() == out[self.rank * n :].data_ptr():
+            # gloo's all-gather stages the whole output in a temporary of its own (a second
+            # model-sized buffer at every step); a broadcast per rank works in place
+            works = [
+                dist.broadcast(
+                    out[r * n : (r + 1) * n], src=self.global_rank(r), group=self.group,
+                    async_op=True,
+                )
+                for r in range(self.world_size)
+            ]
+            for work in works:
+                work.wait()
+            return
         dist.all_gather_into_tensor(out, inp, group=self.group)
 
     def gather(self, t: torch.Tensor, dst: int) -> list[torch.Tensor] | None:

@@ -68,7 +68,7 @@ DEFAULT_ALIGN = 64
 DEFAULT_BUCKET_NUMEL = 2**22
 #: The wrapped optimizer steps the partition in chunks of this many elements, so its
 #: temporaries (Adam: two partition-sized tensors) stay chunk-sized; 0 steps it whole.
-DEFAULT_STEP_CHUNK_NUMEL = 2**22
+DEFAULT_STEP_CHUNK_NUMEL = 2**20
 
 #: Optimizer class names (matched case-insensitively as substrings) refused because their update
 #: of one element depends on other elements (layer-wise trust ratios, factored or matrix
