@@ -143,10 +143,12 @@ def test_hand_worked_consolidate() -> None:
         return CopyOp(_src(src_rank), "g0.master", src_offset, s + src_offset, name, dst_offset,
                       d + dst_offset, numel, F32, dst_dtype)
 
+    # laid out as safetensors' serializer does: by dtype (F32 before BF16), then by name
+    assert list(f.header.tensors) == ["a", "c", "b"]
     assert f.ops == (
         op("a", 0, 0, 0, 4, F32), op("a", 1, 0, 16, 1, F32),
-        op("b", 1, 4, 0, 3, BF16), op("b", 2, 0, 6, 4, BF16),
         op("c", 3, 0, 0, 3, F32),
+        op("b", 1, 4, 0, 3, BF16), op("b", 2, 0, 6, 4, BF16),
     )
     assert f.file_bytes == f.header.data_start + 5 * 4 + 7 * 2 + 3 * 4
 
@@ -175,7 +177,7 @@ def test_hand_worked_consolidate_with_optimizer() -> None:
     plan = plan_consolidate(m, src, include_optimizer=True)
     assert [f.path for f in plan.files] == ["model.safetensors", "optimizer.safetensors"]
     opt = plan.files[1]
-    assert list(opt.header.tensors) == ["a.master", "a.exp_avg", "b.master", "b.exp_avg", "c.master", "c.exp_avg"]
+    assert list(opt.header.tensors) == ["a.master", "b.master", "c.master", "a.exp_avg", "b.exp_avg", "c.exp_avg"]
     assert opt.header.tensors["b.master"].dtype == F32  # stored dtype, not the model dtype
     assert opt.header.tensors["b.exp_avg"].dtype == BF16
     s2 = src[2].tensors["g0.exp_avg"].start
@@ -339,10 +341,19 @@ def test_property_consolidate_plan(case, dtype, limit) -> None:
     assert len(model_files) + len(opt_files) == len(plan.files)
     for f in plan.files:
         _assert_tiles(f)
-    model_names = [n for f in model_files for n in f.header.tensors]
-    assert model_names == list(params)
-    opt_names = [n for f in opt_files for n in f.header.tensors]
-    assert opt_names == [f"{n}.{k}" for n, (gi, _) in params.items() for k in m.groups[gi].keys]
+    # files split the flat order; inside a file, safetensors' layout (dtype, then name)
+    for files, names in (
+        (model_files, list(params)),
+        (opt_files, [f"{n}.{k}" for n, (gi, _) in params.items() for k in m.groups[gi].keys]),
+    ):
+        i = 0
+        for f in files:
+            got = list(f.header.tensors)
+            assert set(got) == set(names[i : i + len(got)])
+            i += len(got)
+            ranks = {F32: 0, BF16: 1, "float16": 2}  # F32, then BF16, then F16
+            assert got == sorted(got, key=lambda n: (ranks[f.header.tensors[n].dtype], n))
+        assert i == len(names)
     for f in model_files:
         for name, entry in f.header.tensors.items():
             gi, p = params[name]

@@ -27,7 +27,7 @@ from zero_ckpt.manifest import (
     shard_path,
     tensor_name,
 )
-from zero_ckpt.safetensors_format import SafetensorsHeader, build_header, dtype_size
+from zero_ckpt.safetensors_format import SafetensorsHeader, build_header, dtype_size, to_safetensors_dtype
 
 __all__ = [
     "CopyOp",
@@ -401,6 +401,7 @@ def _plan_output_set(
     files = []
     weight_map: dict[str, str] = {}
     for fname, chunk in zip(names, chunks):
+        chunk = sorted(chunk, key=_safetensors_order)
         header_bytes, header = build_header(
             [(t.name, t.dtype, t.shape) for t in chunk], {"format": "pt"}
         )
@@ -423,6 +424,20 @@ def _plan_output_set(
             )
         files.append(FilePlan(fname, header_bytes, header, _with_recorded_paths(ops, paths), header.file_bytes))
     return files, _index_documents(stem, tensors, weight_map, count)
+
+
+# safetensors' own serializer lays tensors out by dtype (this order, descending), then by name;
+# the consolidated files follow it, so they are laid out byte for byte as save_pretrained's.
+_ST_DTYPE_ORDER = {
+    d: i for i, d in enumerate(
+        ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32",
+         "F32", "F64", "I64", "U64")
+    )
+}
+
+
+def _safetensors_order(t: "_OutTensor") -> tuple[int, str]:
+    return (-_ST_DTYPE_ORDER.get(to_safetensors_dtype(t.dtype), -1), t.name)
 
 
 def _mark_repeated_reads(files: list[FilePlan]) -> list[FilePlan]:
