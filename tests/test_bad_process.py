@@ -65,9 +65,9 @@ def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-def _cli(*args: str):
-    """``zero-ckpt ARGS`` in this process (no launcher variables)."""
-    result = CliRunner().invoke(cli, list(args), env={k: None for k in _LAUNCHER_VARS})
+def _cli(*args: str, **env: str):
+    """``zero-ckpt ARGS`` in this process with exactly the launcher variables given."""
+    result = CliRunner().invoke(cli, list(args), env={**{k: None for k in _LAUNCHER_VARS}, **env})
     assert "Traceback" not in result.output
     return result
 
@@ -143,8 +143,8 @@ def test_torchrun_env_rank_1_json_is_the_whole_job(reference, tmp_path):
 @pytest.mark.parametrize("kind", ["reshard", "consolidate"])
 def test_distributed_without_torchrun_env_is_refused_before_any_write(kind, tmp_path):
     dst = tmp_path / "out"
-    proc = _run(*_job_args(kind, str(dst)), "--distributed")
-    assert proc.returncode == 1
+    proc = _cli(*_job_args(kind, str(dst)), "--distributed")
+    assert proc.exit_code == 1
     assert proc.stderr.strip().splitlines() == [
         "error: a distributed job needs torchrun's environment, but RANK, WORLD_SIZE, "
         "MASTER_ADDR, MASTER_PORT are not set; launch it with `torchrun --nproc-per-node N "
@@ -156,18 +156,18 @@ def test_distributed_without_torchrun_env_is_refused_before_any_write(kind, tmp_
 
 def test_distributed_without_master_addr_names_what_is_missing(tmp_path):
     dst = tmp_path / "out"
-    proc = _run(*_job_args("reshard", str(dst)), "--distributed", RANK="0", WORLD_SIZE="2",
+    proc = _cli(*_job_args("reshard", str(dst)), "--distributed", RANK="0", WORLD_SIZE="2",
                 LOCAL_RANK="0")
-    assert proc.returncode == 1
+    assert proc.exit_code == 1
     assert "but MASTER_ADDR, MASTER_PORT are not set" in proc.stderr
     assert not dst.exists()
 
 
 def test_distributed_error_as_json(tmp_path):
     dst = tmp_path / "out"
-    proc = _run(*_job_args("consolidate", str(dst)), "--distributed", "--json", RANK="1",
+    proc = _cli(*_job_args("consolidate", str(dst)), "--distributed", "--json", RANK="1",
                 WORLD_SIZE="2")
-    assert proc.returncode == 1 and proc.stderr == ""
+    assert proc.exit_code == 1 and proc.stderr == ""
     doc = json.loads(proc.stdout)
     assert doc["kind"] == "SplitJobError" and "MASTER_ADDR, MASTER_PORT are not set" in doc["error"]
     assert not dst.exists()
@@ -226,8 +226,8 @@ def test_first_part_alone_leaves_an_incomplete_output_and_says_so(kind, referenc
     assert "manifest.json" not in names and "model.safetensors.index.json" not in names
     assert names & final and not final <= names
 
-    proc = _run(*_job_args(kind, dst), "--part", "1/2")
-    assert proc.returncode == 0, proc.stderr
+    proc = _cli(*_job_args(kind, dst), "--part", "1/2")
+    assert proc.exit_code == 0, proc.output
     assert f"this part committed: {dst} is complete" in proc.stdout
     assert dir_bytes(dst) == reference[kind]
 
