@@ -151,7 +151,8 @@ def test_build_header_is_deterministic():
     assert build_header(spec, {"m": "1"}) == build_header(list(spec), {"m": "1"})
 
 
-NAME = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=20).filter(
+# Tensor names with control characters (category Cc) are refused by parse_header.
+NAME = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=20).filter(
     lambda s: s != "__metadata__"
 )
 TENSOR_SPECS = st.lists(
@@ -403,3 +404,16 @@ def test_malformed_metadata_is_corrupt(metadata):
 )
 def test_infinity_in_header_is_corrupt(body):
     corrupt(framed(body))
+
+
+def test_control_characters_in_tensor_names_are_refused() -> None:
+    prefix, _ = build_header([("bad\x1b[2Jname", "float32", (1,))])
+    with pytest.raises(CorruptShardError, match="control character"):
+        parse_header(prefix, "x.safetensors")
+
+
+def test_deeply_nested_header_is_refused() -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    prefix = struct.pack("<Q", len(body)) + body
+    with pytest.raises(CorruptShardError, match="x.safetensors: header"):
+        parse_header(prefix, "x.safetensors")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -63,8 +64,11 @@ DTYPE_SIZES = {
     "float8_e5m2": 1,
 }
 
-# safetensors itself refuses headers above 100 MB; so do we, before allocating.
+# safetensors itself refuses headers above 100 MB; so do we, before allocating (and a header
+# is never read past the end of its file: see Location.read_range).
 MAX_HEADER_BYTES = 100_000_000
+# Tensor names are printable: C0, DEL and C1 controls (terminal escape sequences) are refused.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def dtype_size(dtype: str) -> int:
@@ -193,7 +197,9 @@ def parse_header(prefix: bytes, path: str, file_bytes: int | None = None) -> Saf
     try:
         doc = json.loads(prefix[8 : 8 + n], parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptShardError(f"{path}: header is not valid JSON ({exc})", path=path) from None
+        raise CorruptShardError(f"{path}: header is not valid JSON ({str(exc)[:200]})", path=path) from None
+    except RecursionError:
+        raise CorruptShardError(f"{path}: header is JSON nested too deeply (damaged or hostile)", path=path) from None
     if not isinstance(doc, dict):
         raise CorruptShardError(f"{path}: header is not a JSON object", path=path)
     data_start = 8 + n
@@ -205,6 +211,11 @@ def parse_header(prefix: bytes, path: str, file_bytes: int | None = None) -> Saf
     tensors: dict[str, TensorEntry] = {}
     data_end = data_start
     for name, info in doc.items():
+        if _CONTROL.search(name):
+            raise CorruptShardError(
+                f"{path}: tensor name {ascii(name)[:80]} holds a control character (damaged or hostile)",
+                path=path,
+            )
         try:
             dtype = from_safetensors_dtype(info["dtype"])
             shape = tuple(info["shape"])
