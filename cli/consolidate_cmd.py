@@ -121,7 +121,7 @@ def consolidate(
     into OUT fails at once); it is removed after the index, the last file. If it is still
     there, the job was interrupted and OUT is incomplete: run it again with --overwrite.
 
-    With --part I/N (or under torchrun) this process writes only its share of the output
+    With --part I/N (or --distributed under torchrun) this process writes only its share of the output
     files (use --max-shard-size to have several); the part that completes the set verifies
     the pooled checksums and writes the index. OUT/_parts/ marks unfinished output.
 

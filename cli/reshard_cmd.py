@@ -98,7 +98,7 @@ def reshard(
     runs DST holds zero-ckpt-incomplete.json (created exclusively: a second job into DST
     fails at once); if it is left there the job was interrupted: re-run with --overwrite.
 
-    With --part I/N (or under torchrun) this process writes only its share of the shards;
+    With --part I/N (or --distributed under torchrun) this process writes only its share of the shards;
     the part that completes the set verifies the pooled checksums and writes the manifest.
 
     \b
@@ -106,7 +106,7 @@ def reshard(
       zero-ckpt reshard ./step-1200 ./step-1200-dp16 --from 8 --to 16
       zero-ckpt reshard s3://bucket/run1/step-1200 ./dp3 --to 3 -o anon=true
       zero-ckpt reshard s3://b/step-1200 s3://b/dp16 --to 16 --part 0/4   # host 0; 1/4 .. 3/4 on the others
-      torchrun --nproc-per-node 4 --no-python zero-ckpt reshard SRC DST --to 16
+      torchrun --nproc-per-node 4 --no-python zero-ckpt reshard SRC DST --to 16 --distributed
       zero-ckpt reshard ./run/global_step1200 ./run-dp16 --to 16 --format deepspeed
       zero-ckpt reshard ./run ./run-universal --format deepspeed-universal
     """
