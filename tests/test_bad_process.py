@@ -491,3 +491,35 @@ def test_json_usage_error_is_json_too(tmp_path):
     result = _cli("reshard", DP8, str(tmp_path / "out"), "--json")  # no --to
     assert result.exit_code == 2
     assert json.loads(result.stdout) == {"error": "Missing option '--to'.", "kind": "UsageError"}
+
+
+# ----- list on S3: pending multipart uploads ---------------------------------------------------------
+
+
+def test_list_s3_reports_pending_multipart_uploads(s3_bucket):
+    bucket, opts = s3_bucket
+    run = f"{bucket}/run"
+    options = [arg for key, value in opts.items() for arg in ("-o", f"{key}={json.dumps(value)}")]
+    result = _cli("reshard", DP8, f"{run}/step-1", "--to", "2", "-q", *options)
+    assert result.exit_code == 0, result.output
+    result = _cli("list", run, "--json", *options)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["pending_uploads"] == []
+    from zero_ckpt.storage import open_location
+
+    mb = 1 << 20
+    with open_location(f"{run}/step-2", opts) as loc:  # a save killed mid-upload
+        writer = loc.writer("shards/a.bin", 12 * mb, part_bytes=5 * mb)
+        writer.write_at(0, b"\x02" * (5 * mb))
+        writer._upload._wait_uploads()  # never completed, never aborted
+    result = _cli("list", run, *options)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:3] == ["step-1", "120", "2"]
+    assert lines[-1] == (
+        f"1 multipart upload left open under {run} (interrupted writes; they cost storage until "
+        "aborted): step-2/shards/a.bin"
+    )
+    doc = json.loads(_cli("list", run, "--json", *options).stdout)
+    (pending,) = doc["pending_uploads"]
+    assert pending["key"] == "step-2/shards/a.bin" and pending["upload_id"]
