@@ -71,6 +71,7 @@ from zero_ckpt.checksum import crc32c, parse_checksum
 from zero_ckpt.errors import CheckpointError, CorruptShardError, LayoutMismatchError
 from zero_ckpt.manifest import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     MODEL_FILE_NAME,
     FileMeta,
     GroupMeta,
@@ -846,9 +847,10 @@ def _load_model_file(loc: Location, rel: str) -> dict[str, torch.Tensor]:
 def _read_names(loc: Location, rel: str) -> Any:
     url = loc.url_of(rel)
     try:
-        names = json.loads(loc.read_bytes(rel))
-    except ValueError as exc:
-        raise TorchStateDictError(f"{url}: not valid JSON ({exc})", path=url) from None
+        # A list of names: never larger than a manifest (refused before it is read).
+        names = json.loads(loc.read_bytes(rel, max_bytes=MAX_MANIFEST_BYTES))
+    except (ValueError, RecursionError) as exc:
+        raise TorchStateDictError(f"{url}: not valid JSON ({str(exc)[:200]})", path=url) from None
     if not isinstance(names, list):
         raise TorchStateDictError(
             f"{url}: expected a JSON list of names in id order (or one list per param group)", path=url
