@@ -254,13 +254,14 @@ class Manifest:
                 path=path,
             )
         checked = _verify_checksum(data, path)
-        _check_depth(data, path)
         try:
             doc = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        except (UnicodeDecodeError, ValueError) as exc:
             raise ManifestError(
                 f"{path}: not valid JSON ({str(exc)[:200]}); the manifest is damaged", path=path
             ) from None
+        except RecursionError:  # the C parser stops at the interpreter's recursion limit
+            raise _too_deep(path) from None
         if not isinstance(doc, dict):
             raise ManifestError(f"{path}: expected a JSON object", path=path)
         if checked:
@@ -375,45 +376,58 @@ def _verify_reformatted(doc: dict, path: str) -> None:
         raise _mismatch(path, recorded, actual)
 
 
-_BRACKETS = re.compile(rb'[\[\]{}]|"(?:[^"\\]|\\.)*"')
+def _too_deep(path: str) -> ManifestError:
+    return ManifestError(
+        f"{path}: JSON nested more than {MAX_JSON_DEPTH} levels deep; the manifest is damaged "
+        "or not from zero-ckpt",
+        path=path,
+    )
 
 
-def _check_depth(data: bytes, path: str) -> None:
-    """Refuse nesting deeper than MAX_JSON_DEPTH before the parser recurses into it."""
-    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
-        return
-    depth = 0
-    for m in _BRACKETS.finditer(data):
-        c = m.group()[:1]
-        if c in (b"[", b"{"):
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                raise ManifestError(
-                    f"{path}: JSON nested more than {MAX_JSON_DEPTH} levels deep; the manifest "
-                    "is damaged or not from zero-ckpt",
-                    path=path,
-                )
-        elif c in (b"]", b"}"):
-            depth -= 1
-
-
-def _check_strings(doc: Any, path: str) -> None:
-    """Refuse control characters in every key and name (iteratively: no recursion)."""
-    stack: list[tuple[Any, str, bool]] = [(doc, "manifest", False)]
+def _check_strings(doc: dict, path: str) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and control characters in every key and
+    name (iteratively: no recursion; the location is worked out only for the message)."""
+    # (node, depth, text allowed, parent path for messages)
+    stack: list[tuple[Any, int, bool]] = [(v, 2, k == "extra") for k, v in doc.items()]
+    for k in doc:
+        if _CONTROL.search(k):
+            raise _control_error(path, "manifest", k)
     while stack:
-        node, where, text_ok = stack.pop()
-        if isinstance(node, dict):
+        node, depth, text_ok = stack.pop()
+        if isinstance(node, str):
+            if (_CONTROL_IN_TEXT if text_ok else _CONTROL).search(node):
+                raise _control_error(path, _where(doc, node), node)
+        elif isinstance(node, dict):
+            if depth > MAX_JSON_DEPTH:
+                raise _too_deep(path)
             for k, v in node.items():
                 if _CONTROL.search(k):
-                    raise _control_error(path, where, k)
-                child_text_ok = text_ok or (where == "manifest" and k == "extra")
-                stack.append((v, f"{where}.{k}" if len(where) < 200 else where, child_text_ok))
+                    raise _control_error(path, _where(doc, k), k)
+                if isinstance(v, (str, dict, list)):
+                    stack.append((v, depth + 1, text_ok))
         elif isinstance(node, list):
-            for i, v in enumerate(node):
-                stack.append((v, f"{where}[{i}]" if len(where) < 200 else where, text_ok))
-        elif isinstance(node, str):
-            if (_CONTROL_IN_TEXT if text_ok else _CONTROL).search(node):
-                raise _control_error(path, where, node)
+            if depth > MAX_JSON_DEPTH:
+                raise _too_deep(path)
+            stack.extend((v, depth + 1, text_ok) for v in node if isinstance(v, (str, dict, list)))
+
+
+def _where(doc: dict, target: str) -> str:
+    """The field path of the first occurrence of string ``target`` (as key or value)."""
+    stack: list[tuple[Any, str, int]] = [(doc, "manifest", 0)]
+    while stack:
+        node, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            continue
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k is target or k == target:
+                    return where
+                stack.append((v, f"{where}.{k}", depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(node))
+        elif node is target or node == target:
+            return where
+    return "manifest"
 
 
 def _control_error(path: str, where: str, value: str) -> ManifestError:
