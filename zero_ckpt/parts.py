@@ -799,7 +799,10 @@ class _Group:
                 f"within {join} s ({_first_line(exc)}); nothing was written: {hint}",
                 actual=where,
             ) from None
-        prefix = f"zero-ckpt/{_opened_groups}"
+        # torchelastic may keep its store across restarts: a restart's keys must not meet
+        # the previous attempt's (a stale "joined" would hide a missing peer).
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        prefix = f"zero-ckpt/{restart}/{_opened_groups}"
         keys = [f"{prefix}/joined/{k}" for k in range(spec.parts)]
         try:
             store.set(keys[spec.index], b"1")
