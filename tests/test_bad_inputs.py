@@ -556,3 +556,34 @@ def test_abandoned_upload_is_listed_and_can_be_aborted(s3_bucket) -> None:
     assert list_pending_uploads(f"{bucket}/other", opts) == []
     assert abort_pending_uploads(url, opts) == 1
     assert list_pending_uploads(url, opts) == []
+
+
+# ----- descriptor pool and planning entry points ---------------------------------------------------
+
+
+def test_read_descriptors_are_pooled(src: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZERO_CKPT_OPEN_FILES", "2")
+    shards = sorted(p.relative_to(src).as_posix() for p in (src / "shards").iterdir())
+    with open_location(str(src)) as loc:
+        for rel in shards * 2:
+            assert loc.read_range(rel, 0, 8) == (src / rel).read_bytes()[:8]
+            assert len(loc._fds) <= 2
+        assert len(loc._fds) == 2
+    assert loc._fds == {}
+
+
+def test_planning_refuses_a_huge_world_size_before_allocating(src: Path) -> None:
+    from zero_ckpt.manifest import check_target_world_size
+    from zero_ckpt.opening import read_source_headers
+    from zero_ckpt.plan import plan_reshard
+
+    with zero_ckpt.open_checkpoint(str(src)) as reader:
+        manifest = reader.manifest
+        headers, _ = read_source_headers(reader.location, manifest)
+    start = time.monotonic()
+    with pytest.raises(LayoutMismatchError, match=str(MAX_WORLD_SIZE)):
+        plan_reshard(manifest, headers, 10**12)
+    assert time.monotonic() - start < 1
+    assert check_target_world_size(MAX_WORLD_SIZE) == MAX_WORLD_SIZE
+    with pytest.raises(LayoutMismatchError, match="target world size is 65537"):
+        check_target_world_size(MAX_WORLD_SIZE + 1)
