@@ -523,3 +523,66 @@ def test_list_s3_reports_pending_multipart_uploads(s3_bucket):
     doc = json.loads(_cli("list", run, "--json", *options).stdout)
     (pending,) = doc["pending_uploads"]
     assert pending["key"] == "step-2/shards/a.bin" and pending["upload_id"]
+
+
+# ----- a peer lost after joining ----------------------------------------------------------------------
+
+_CRASHING_RANK = """
+import os, sys
+import zero_ckpt
+import zero_ckpt.parts as parts
+if os.environ["RANK"] == "1":
+    def crash(*args, **kwargs):
+        os._exit(3)  # a rank killed after joining the group, before its part is done
+    parts._run_local = crash
+try:
+    zero_ckpt.reshard(sys.argv[1], sys.argv[2], world_size=int(sys.argv[3]), part="distributed")
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}")
+    sys.exit(1)
+print("ok")
+"""
+
+
+def _two_ranks(argv_of, env: dict[str, str]) -> list[subprocess.Popen]:
+    procs = [
+        subprocess.Popen(
+            argv_of(rank), cwd=ROOT, env=_env(dict(env, RANK=str(rank), LOCAL_RANK=str(rank))),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        for p in procs:
+            p.wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return procs
+
+
+def test_distributed_peer_lost_after_joining_is_a_clear_error_and_a_rerun_resumes(reference, tmp_path):
+    dst = str(tmp_path / "out")
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = _two_ranks(lambda r: [sys.executable, "-c", _CRASHING_RANK, DP8, dst, str(TO)], env)
+    out0 = procs[0].stdout.read()
+    assert (procs[0].returncode, procs[1].returncode) == (1, 3), out0
+    assert out0.startswith(
+        "SplitJobError: part 0/2 of the distributed job lost the other ranks while waiting for "
+        "their parts ("
+    ), out0
+    assert f"the job was not committed, so {dst} is incomplete: run all 2 ranks again" in out0
+    assert "manifest.json" not in dir_bytes(dst)  # never looks complete
+
+    env["MASTER_PORT"] = str(_free_port())
+    procs = _two_ranks(lambda r: [sys.executable, "-m", "cli.main", *_job_args("reshard", dst),
+                                  "--distributed", "--json"], env)
+    docs = []
+    for p in procs:
+        assert p.returncode == 0, p.stderr.read()
+        docs.append(json.loads(p.stdout.read()))
+    assert [d["part"] for d in docs] == [0, 1] and all(d["committed"] for d in docs)
+    assert docs[0]["resumed"] is True  # rank 0's finished part was kept
+    assert dir_bytes(dst) == reference["reshard"]
