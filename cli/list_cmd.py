@@ -47,7 +47,10 @@ def list_(
         click.echo(f"warning: {problem}", err=True)
 
 
-_KIND_LABELS = {"zero-ckpt": "zero-ckpt", "deepspeed": "deepspeed", "hf": "hf weights", "folder": "folder"}
+_KIND_LABELS = {
+    "zero-ckpt": "zero-ckpt", "deepspeed": "deepspeed", "hf": "hf weights", "torch": "torch files",
+    "folder": "folder",
+}
 
 
 def render_listing(listing: Any) -> str:

@@ -91,8 +91,8 @@ class CheckpointInfo:
     ``*_optim_states.pt`` files, complete when every rank's file and
     ``mp_rank_00_model_states.pt`` are there, ``bytes`` the files' sizes); or, for folders that
     are not checkpoints (``status`` ``"not-a-checkpoint"``), ``"hf"`` (consolidated weights:
-    ``config.json``/``model*.safetensors``/``pytorch_model*.bin``) and ``"folder"`` (anything
-    else; ``problem`` may say what it holds).
+    ``config.json``/``model*.safetensors``/``pytorch_model*.bin``), ``"torch"`` (``*.pt``
+    files) and ``"folder"`` (anything else); ``problem`` says what it holds.
     """
 
     name: str
@@ -614,6 +614,8 @@ def _kind_of(files: list[str]) -> str:
         return "zero-ckpt"  # a save (or split job) that has not finished
     if any(_HF_FILE.match(f) for f in top):
         return "hf"  # consolidated weights (a save writes model.safetensors after its shards)
+    if any(f.endswith((".pt", ".pth")) for f in top):
+        return "torch"  # plain torch files (consolidate --format torch, torch.save)
     if any(_is_save_file(f) for f in files):
         return "zero-ckpt"  # temporary files of a save in progress
     return "folder"
@@ -622,6 +624,8 @@ def _kind_of(files: list[str]) -> str:
 def _describe_other(kind: str, files: list[str]) -> str:
     if kind == "hf":
         return "consolidated weights (config.json/model*.safetensors), not a checkpoint"
+    if kind == "torch":
+        return "plain torch files (*.pt), not a checkpoint: `zero-ckpt convert` reads them"
     subdirs = {f.split("/", 1)[0] for f in files if "/" in f}
     if LATEST_NAME in files and any(
         _DS_OPTIM.match(f.split("/", 1)[1]) for f in files if f.count("/") == 1
