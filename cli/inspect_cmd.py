@@ -34,7 +34,9 @@ def inspect(
     Reads only manifest.json: format, world size, ZeRO stage, step, master dtype, each param
     group's layout (numel, partition_numel, align, params, state keys, hyperparameters), total
     parameters and shard bytes. A fragment "3: [0, 4096)" means rank 3 holds elements
-    0..4095 of the flattened parameter.
+    0..4095 of the flattened parameter. A DeepSpeed ZeRO-1/2 folder is read as its format-v1
+    view (its pickled metadata only); a run directory whose `latest` names a format-v1
+    checkpoint is read as that checkpoint. With --json, errors are JSON too.
 
     \b
     Examples:
