@@ -74,7 +74,7 @@ TRAIN_CONFIGS = [
     ("ddp_zro", "DDP + torch ZeroRedundancyOptimizer(Adam)", "main"),
     ("zero1", "ZeroOptimizer stage 1 (Adam)", "main"),
     ("zero2", "ZeroOptimizer stage 2 (Adam)", "main"),
-    ("zero2_shared", "ZeroOptimizer stage 2 (Adam), master_copy=False", "main"),
+    ("zero2_copy", "ZeroOptimizer stage 2 (Adam), master_copy=True", "main"),
     ("zero1_offload", "ZeroOptimizer stage 1 (Adam), offload='cpu'", "main"),
     ("zero2_offload", "ZeroOptimizer stage 2 (Adam), offload='cpu'", "main"),
     ("ds_baseline", "baseline (peers venv): deepspeed imported + model built", "peers"),
@@ -280,8 +280,8 @@ class Worker:
     def cfg_zero2(self) -> None:
         self._zero_train(2)
 
-    def cfg_zero2_shared(self) -> None:
-        self._zero_train(2, master_copy=False)
+    def cfg_zero2_copy(self) -> None:
+        self._zero_train(2, master_copy=True)
 
     def cfg_zero1_offload(self) -> None:
         self._zero_train(1, offload="cpu")
@@ -462,7 +462,7 @@ class Worker:
 
 def zero_formula_bytes(opt) -> int:
     """What ZeroOptimizer should hold on this rank, from the layout and its options alone:
-    masters (4P unless master_copy=False on an fp32 model) + Adam's two fp32 moments (8P) +
+    masters (4P only with master_copy=True for this fp32 model) + Adam's two fp32 moments (8P) +
     the fp32 partition gradient (4P) + stage 1: the flat gradient buffer (W*P) and the
     reduce-scatter output (P) in the model dtype / stage 2: (max_in_flight + 1) buffers of the
     largest planned bucket (at most bucket_numel elements; + a P-element output when a bucket
@@ -472,15 +472,17 @@ def zero_formula_bytes(opt) -> int:
     for g, layout in enumerate(opt.layouts):
         P = layout.partition_numel
         elem = opt.group_params(g)[0].element_size()
-        total += (0 if not opt.master_copy else 4 * P) + 8 * P + 4 * P
+        total += (4 * P if opt.master_copy else 0) + 8 * P + 4 * P  # fp32 model: shared unless True
         if opt.stage == 1:
-            total += elem * (W * P + P)
+            total += elem * W * P  # gloo: in-place all-reduce, no reduce-scatter output
     if opt.stage == 2:
         from zero_core._grad_reduce import plan_buckets  # the pure bucket plan (private module)
 
         largest = max(b.numel for layout in opt.layouts for b in plan_buckets(layout, opt.bucket_numel))
         elem = opt.group_params(0)[0].element_size()
-        total += 3 * largest * elem  # max_in_flight (2) + 1 buffers of the largest bucket
+        # max_in_flight (2) + 1 buffers of the largest bucket, and on gloo a receive buffer
+        # per peer for each bucket in flight
+        total += (3 + 2 * (W - 1)) * largest * elem
     return total
 
 
@@ -768,7 +770,7 @@ def zero_bytes_table(P: int, outcomes: dict) -> list[str]:
         "|" + "---|" * 10,
     ]
     for name, label in (("zero1", "ZeroOptimizer stage 1"), ("zero2", "ZeroOptimizer stage 2"),
-                        ("zero2_shared", "ZeroOptimizer stage 2, master_copy=False"),
+                        ("zero2_copy", "ZeroOptimizer stage 2, master_copy=True"),
                         ("zero1_offload", "ZeroOptimizer stage 1, offload"),
                         ("zero2_offload", "ZeroOptimizer stage 2, offload")):
         res = outcomes.get(name)

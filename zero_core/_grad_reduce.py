@@ -109,6 +109,14 @@ class Comm:
         work = dist.reduce(t, dst=self.global_rank(dst), group=self.group, async_op=async_op)
         return work if async_op else _DoneWork()
 
+    def send(self, t: torch.Tensor, dst: int) -> Any:
+        """Async point-to-point send to group rank ``dst`` (a work handle)."""
+        return dist.isend(t, dst=self.global_rank(dst), group=self.group)
+
+    def recv(self, t: torch.Tensor, src: int) -> Any:
+        """Async point-to-point receive from group rank ``src`` into ``t``."""
+        return dist.irecv(t, src=self.global_rank(src), group=self.group)
+
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False) -> Any:
         """``out`` (n elements) <- sum over ranks of ``inp[rank * n : (rank + 1) * n]``."""
         if self.trivial:
@@ -278,11 +286,22 @@ class _OpenBucket:
 
 @dataclass(eq=False)
 class _InFlight:
+    """One reduction in flight and how its result reaches the partition gradient.
+
+    ``kind``: ``"pieces"`` (this rank's piece of ``buffer`` after per-owner reduces),
+    ``"scatter"`` (``out`` holds this rank's piece: reduce-scatter), ``"recv"`` (this rank's
+    piece of ``buffer`` plus each peer's piece received into ``received``: gloo point-to-point),
+    ``"allreduce"`` (this rank's partition of ``flat``: stage 1 on gloo).
+    """
+
     group: int
-    plan: BucketPlan | None  # None: stage 1's whole-group reduce-scatter
+    kind: str
+    plan: BucketPlan | None
     buffer: _Buffer | None
-    out: torch.Tensor | None  # stage 1: the reduce-scatter output (partition_numel)
     works: list[Any]
+    out: torch.Tensor | None = None
+    flat: torch.Tensor | None = None
+    received: list[_Buffer] = field(default_factory=list)
 
 
 class GradReducer:
@@ -461,36 +480,63 @@ class GradReducer:
         g, b = bucket.group, bucket.index
         del self._open[(g, b)]
         plan = self.plans[g][b]
+        fg = self.groups[g]
         data = bucket.buffer.tensor[: plan.numel]
         for j, lo, hi in plan.slices:  # params whose gradient never came count as zero
             if j not in bucket.arrived:
-                at = self.groups[g].layout.params[j].offset + lo - plan.start
+                at = fg.layout.params[j].offset + lo - plan.start
                 data[at : at + hi - lo].zero_()
         self._ensure_part_grad(g)
         pending = sum(not all(w.is_completed() for w in item.works) for item in self._in_flight)
-        with self._on_comm_stream(self.groups[g].device):
-            if (
-                not self.comm.trivial
-                and len(plan.pieces) == self.comm.world_size
-                and len({hi - lo for _, lo, hi in plan.pieces}) == 1
-            ):
-                # this rank's piece lands at its own place: buckets in flight never share it
-                _, lo, hi = plan.pieces[self.comm.rank]
-                base = self.groups[g].layout.rank_range(self.comm.rank)[0]
+        rank, comm = self.comm.rank, self.comm
+        with self._on_comm_stream(fg.device):
+            if comm.trivial:
+                item = _InFlight(g, "pieces", plan, bucket.buffer, [])
+            elif fg.device.type == "cpu":
+                # gloo: its reduce (and reduce-scatter) cost 2-3x an all-reduce of the same
+                # bytes here; a send of each piece to its owner costs about a third of one
+                works, received = [], []
+                for r, lo, hi in plan.pieces:
+                    piece = data[lo - plan.start : hi - plan.start]
+                    if r == rank:
+                        for peer in range(comm.world_size):
+                            if peer != rank:
+                                into = self._recv_pool(g).acquire(self._complete_oldest)
+                                received.append(into)
+                                works.append(comm.recv(into.tensor[: hi - lo], src=peer))
+                    else:
+                        works.append(comm.send(piece, dst=r))
+                item = _InFlight(g, "recv", plan, bucket.buffer, works, received=received)
+            elif len(plan.pieces) == comm.world_size and len({hi - lo for _, lo, hi in plan.pieces}) == 1:
+                # equal pieces for every rank: one reduce-scatter; this rank's piece lands at
+                # its own place in the scratch, so buckets in flight never share it
+                _, lo, hi = plan.pieces[rank]
+                base = fg.layout.rank_range(rank)[0]
                 out = self._scratch_of(g)[lo - base : hi - base]
-                works = [self.comm.reduce_scatter(out, data, async_op=True)]
-                item = _InFlight(g, plan, bucket.buffer, out, works)
+                works = [comm.reduce_scatter(out, data, async_op=True)]
+                item = _InFlight(g, "scatter", plan, bucket.buffer, works, out=out)
             else:
                 works = [
-                    self.comm.reduce(data[lo - plan.start : hi - plan.start], dst=r, async_op=True)
+                    comm.reduce(data[lo - plan.start : hi - plan.start], dst=r, async_op=True)
                     for r, lo, hi in plan.pieces
                 ]
-                item = _InFlight(g, plan, bucket.buffer, None, works)
+                item = _InFlight(g, "pieces", plan, bucket.buffer, works)
         self._in_flight.append(item)
         for fn in self.launch_observers:
             fn(g, b, pending)
         while len(self._in_flight) > self.max_in_flight:
             self._complete_oldest()
+
+    def _recv_pool(self, g: int) -> BufferPool:
+        key = ("recv", self.dtype_of(g), self.groups[g].device)
+        if key not in self._pools:
+            main = self._pool(g)
+            # each bucket in flight receives from every peer (a bucket holds at most one piece
+            # of this rank's partition)
+            self._pools[key] = BufferPool(
+                main.numel, main.dtype, main.device, self.max_in_flight * (self.comm.world_size - 1)
+            )
+        return self._pools[key]
 
     def _scratch_of(self, g: int) -> torch.Tensor:
         """The group's reduce-scatter output (``partition_numel`` elements, comm dtype)."""
@@ -502,7 +548,8 @@ class GradReducer:
         return self._scratch[g]
 
     def _launch_group(self, g: int) -> None:
-        """Stage 1: reduce-scatter the group's flat gradient buffer (async)."""
+        """Stage 1: reduce the group's flat gradient buffer (async): one reduce-scatter, or on
+        gloo an in-place all-reduce (its reduce-scatter costs about three all-reduces)."""
         fg = self.groups[g]
         buf = self._flat_grads[g]
         self._flat_dirty[g] = False
@@ -515,10 +562,14 @@ class GradReducer:
                 buf[spec.offset : spec.end].zero_()
         self._window[g] = [False] * len(window)
         self._ensure_part_grad(g)
-        out = self._scratch_of(g)
         with self._on_comm_stream(fg.device):
-            works = [self.comm.reduce_scatter(out, buf, async_op=True)]
-        self._in_flight.append(_InFlight(g, None, None, out, works))
+            if fg.device.type == "cpu" or self.comm.trivial:
+                works = [self.comm.all_reduce(buf, async_op=True)]
+                self._in_flight.append(_InFlight(g, "allreduce", None, None, works, flat=buf))
+            else:
+                out = self._scratch_of(g)
+                works = [self.comm.reduce_scatter(out, buf, async_op=True)]
+                self._in_flight.append(_InFlight(g, "scatter", None, None, works, out=out))
 
     def _complete_oldest(self) -> bool:
         if not self._in_flight:
@@ -529,30 +580,44 @@ class GradReducer:
         assert part is not None
         scale = self.postscale
         rank = self.comm.rank
-        base = fg.layout.rank_range(rank)[0]
+        base, end = fg.layout.rank_range(rank)
         stream = self._stream(fg.device)
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             for w in item.works:
                 w.wait()
-            if item.out is not None:  # reduce-scatter: this rank's whole piece
-                if item.plan is None:
+            plan = item.plan
+            if item.kind == "allreduce":
+                part.add_(item.flat[base:end], alpha=scale)  # type: ignore[index]
+            elif item.kind == "scatter":
+                if plan is None:
                     part.add_(item.out, alpha=scale)
                 else:
-                    _, lo, hi = item.plan.pieces[rank]
+                    _, lo, hi = plan.pieces[rank]
                     part[lo - base : hi - base].add_(item.out, alpha=scale)
             else:
-                plan, data = item.plan, item.buffer.tensor  # type: ignore[union-attr]
+                assert plan is not None and item.buffer is not None
+                data = item.buffer.tensor
                 for r, lo, hi in plan.pieces:
-                    if r == rank:
-                        part[lo - base : hi - base].add_(
-                            data[lo - plan.start : hi - plan.start], alpha=scale
-                        )
+                    if r != rank:
+                        continue
+                    dst = part[lo - base : hi - base]
+                    if item.kind == "recv":
+                        # sum the pieces (own, then the peers in rank order) in the bucket
+                        # buffer, then scale once, as a reduce does
+                        own = data[lo - plan.start : hi - plan.start]
+                        for received in item.received:
+                            own.add_(received.tensor[: hi - lo])
+                        dst.add_(own, alpha=scale)
+                    else:
+                        dst.add_(data[lo - plan.start : hi - plan.start], alpha=scale)
             if item.buffer is not None and stream is not None:
                 item.buffer.ready = torch.cuda.Event()
                 item.buffer.ready.record(stream)
         if item.buffer is not None:
             self._pool(item.group).release(item.buffer)
+        for buf in item.received:
+            self._recv_pool(item.group).release(buf)
         return True
 
     # ----- flushing -----------------------------------------------------------------------

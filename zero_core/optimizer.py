@@ -298,10 +298,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             (pinned when on CUDA), partition gradients are copied there asynchronously, the
             wrapped optimizer steps on the CPU and the updated partitions are copied back and
             all-gathered (ZeRO-Offload).
-        master_copy: keep a separate fp32 master partition (default True). With an fp32
-            model, ``False`` makes the master this rank's slice of the model's flat buffer:
-            exact (the copy would hold the same bits), saves ``4 * partition_numel`` bytes and a
-            copy per step. Ignored for bf16/fp16 models (they always need fp32 masters).
+        master_copy: keep a separate fp32 master partition. ``None`` (default): only where it
+            is needed, i.e. for bf16/fp16 models and for offloaded masters of a GPU model; for
+            an fp32 model the master is then this rank's slice of the model's flat buffer:
+            exact (a copy would hold the same bits), ``4 * partition_numel`` bytes and a copy per
+            step saved. ``True`` always keeps a copy; ``False`` is ``None`` made explicit.
         no_grad_rule: what a step does to a param that got no gradient since the last step:
             ``"skip"`` (torch's rule, default: its value and optimizer state are left exactly
             as they were; the group's ``step`` counter still advances when other params of the
@@ -344,7 +345,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         reduce_dtype: torch.dtype | None = None,
         gradient_predivide_factor: float = 1.0,
         offload: str | None = None,
-        master_copy: bool = True,
+        master_copy: bool | None = None,
         no_grad_rule: str = "skip",
         loss_scale: None | str | float = None,
         loss_scale_options: dict[str, Any] | None = None,
@@ -418,7 +419,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             )
         self.step_chunk_numel = step_chunk_numel
         self.offload = "cpu" if offload == "cpu" else None
-        self.master_copy = bool(master_copy)
+        self.master_copy = master_copy
         self.no_grad_rule = no_grad_rule
         self._host_grads: list[torch.Tensor | None] = []  # offload: pinned partition grads
         self._broadcast_params = broadcast_params
@@ -566,7 +567,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self._broadcast_params and fg.flat.numel():
             with torch.no_grad():
                 self._comm.broadcast(fg.flat, src=0)
-        shared = not self.master_copy and fg.model_dtype == MASTER_DTYPE
+        shared = self.master_copy is not True and fg.model_dtype == MASTER_DTYPE
         if shared and self.offload and fg.device.type != "cpu":
             shared = False  # offloaded masters live in host memory: they must be a copy
         fg.init_master(
