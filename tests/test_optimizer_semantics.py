@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from _dist import check, run_scenarios
-from zero_core import LossScaler, ZeroOptimizer
+from zero_core import LossScaler, ZeroConfigError, ZeroOptimizer
 
 BATCH = 12
 
@@ -328,6 +328,46 @@ def memory(rank: int, ws: int) -> None:
             assert all(p.grad is None for p in model.parameters())
 
 
+# ----- knobs ------------------------------------------------------------------------------------
+
+
+def knobs(rank: int, ws: int) -> None:
+    """gradient_predivide_factor and comm_dtype change only where the rounding happens."""
+    sl = rank_slice(rank, ws)
+    finals = {}
+    for label, options in (
+        ("plain", {}),
+        ("predivide", {"gradient_predivide_factor": 4.0}),
+        ("bf16-comm", {"comm_dtype": torch.bfloat16}),
+    ):
+        for stage in (1, 2):
+            model = Net()
+            opt = ZeroOptimizer(model.named_parameters(), torch.optim.SGD, stage=stage, lr=0.1,
+                                bucket_numel=100, **options)
+            for step in range(3):
+                x, t = data(step)
+                loss_of(model, x[sl], t[sl]).backward()
+                opt.step()
+            finals[label, stage] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    ref = finals["plain", 1]
+    torch.testing.assert_close(finals["plain", 2], ref, rtol=1e-6, atol=1e-7)
+    for stage in (1, 2):
+        # dividing by a power of two before and after the sum is exact
+        torch.testing.assert_close(finals["predivide", stage], ref, rtol=1e-6, atol=1e-7)
+        diff = (finals["bf16-comm", stage] - ref).abs().max().item()
+        assert diff < 1e-2, diff  # gradients rounded to bf16 on the wire
+    for bad, match in (
+        ({"gradient_predivide_factor": 0}, "gradient_predivide_factor"),
+        ({"comm_dtype": torch.int8}, "comm_dtype"),
+        ({"offload": "nvme"}, "offload"),
+        ({"no_grad_rule": "maybe"}, "no_grad_rule"),
+        ({"step_chunk_numel": -1}, "step_chunk_numel"),
+        ({"comm_dtype": torch.float32, "reduce_dtype": torch.bfloat16}, "disagree"),
+    ):
+        with pytest.raises(ZeroConfigError, match=match):
+            ZeroOptimizer(Net().named_parameters(), torch.optim.SGD, lr=0.1, **bad)
+
+
 # ----- runs -------------------------------------------------------------------------------------
 
 SCENARIOS = {
@@ -336,6 +376,7 @@ SCENARIOS = {
     "torch_surface": torch_surface,
     "torch_state_dicts": torch_state_dicts,
     "memory": memory,
+    "knobs": knobs,
 }
 _RESULTS: dict[int, dict[str, dict[int, str | None]]] = {}
 
@@ -356,7 +397,9 @@ def test_world_size_1(name: str) -> None:
 
 
 @pytest.mark.parametrize("ws", [2, 3])
-@pytest.mark.parametrize("name", ["pile_up", "no_grad_rule", "torch_surface", "torch_state_dicts"])
+@pytest.mark.parametrize(
+    "name", ["pile_up", "no_grad_rule", "torch_surface", "torch_state_dicts", "knobs"]
+)
 def test_gloo(name: str, ws: int) -> None:
     check(results_for(ws), name, ws)
 
