@@ -1001,7 +1001,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _gather_param(self, g: int, i: int, tensor: torch.Tensor) -> torch.Tensor:
         spec = self._groups[g].layout.params[i]
-        out = torch.zeros(spec.numel, dtype=tensor.dtype, device=tensor.device)
+        # on the group's device: offloaded (host) tensors cannot travel over NCCL
+        out = torch.zeros(spec.numel, dtype=tensor.dtype, device=self._groups[g].device)
         for frag in self._groups[g].layout.fragments_of_param(i):
             piece = out[frag.param_start : frag.param_start + frag.numel]
             if frag.rank == self._comm.rank:
@@ -1505,7 +1506,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             tensors, _ = self._split_state(g)
             full = {}
             for key, t in tensors.items():
-                gathered = self._comm.gather(t.contiguous(), to)
+                gathered = self._comm.gather(t.to(fg.device).contiguous(), to)
                 if me:
                     assert gathered is not None
                     full[key] = torch.cat(gathered)[: fg.layout.numel]
