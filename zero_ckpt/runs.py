@@ -610,7 +610,9 @@ def _kind_of(files: list[str]) -> str:
         return "zero-ckpt"
     if any(_DS_OPTIM.match(f) or _DS_MODEL.match(f) for f in top):
         return "deepspeed"
-    if _CLAIM_MARKER in top or any(f.startswith((_SHARDS_DIR + "/", _PARTS_DIR + "/")) for f in files):
+    if _CLAIM_MARKER in top or any(
+        f.startswith((_SHARDS_DIR + "/", _PARTS_DIR + "/")) for f in files
+    ):
         return "zero-ckpt"  # a save (or split job) that has not finished
     if any(_HF_FILE.match(f) for f in top):
         return "hf"  # consolidated weights (a save writes model.safetensors after its shards)
@@ -638,7 +640,9 @@ def _describe_other(kind: str, files: list[str]) -> str:
     ) + ", no checkpoint"
 
 
-def _describe_deepspeed(run: Location, name: str, files: list[str], is_latest: bool) -> CheckpointInfo:
+def _describe_deepspeed(
+    run: Location, name: str, files: list[str], is_latest: bool
+) -> CheckpointInfo:
     """A DeepSpeed tag folder from its file names (nothing is read but their sizes)."""
     top = [f for f in files if "/" not in f]
     ranks = sorted({int(m.group(2)) for f in top if (m := _DS_OPTIM.match(f))})
@@ -647,7 +651,10 @@ def _describe_deepspeed(run: Location, name: str, files: list[str], is_latest: b
         problem = "no *_optim_states.pt files (saved without optimizer state, or incomplete)"
     elif ranks != list(range(len(ranks))) or len(ranks) != max(ranks) + 1:
         missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
-        problem = f"optim files for ranks {missing} are missing (a save that did not finish on every rank)"
+        problem = (
+            f"optim files for ranks {missing} are missing (a save that did not finish on "
+            "every rank)"
+        )
     elif _DS_MODEL_FILE not in top:
         problem = f"{_DS_MODEL_FILE} is missing (it holds the parameter names and shapes)"
     return CheckpointInfo(
@@ -664,7 +671,9 @@ def _describe_deepspeed(run: Location, name: str, files: list[str], is_latest: b
     )
 
 
-def _pending_uploads(run: Location, storage_options: dict[str, Any] | None) -> tuple[dict[str, Any], ...] | None:
+def _pending_uploads(
+    run: Location, storage_options: dict[str, Any] | None
+) -> tuple[dict[str, Any], ...] | None:
     """Multipart uploads left open under an ``s3://`` root (None elsewhere, or where the
     storage layer cannot list them)."""
     if not run.url.startswith(("s3://", "s3a://")):

@@ -71,7 +71,9 @@ def verify(
         resolved = latest_zero_ckpt(probe)
     report = VerifyReport(resolved or src)
     if resolved is not None:
-        report.notes.append(f"{src} is a run directory: verified {resolved}, which its latest file names")
+        report.notes.append(
+            f"{src} is a run directory: verified {resolved}, which its latest file names"
+        )
     with open_location(resolved or src, storage_options) as loc:
         try:
             if detect_location_format(loc) == "deepspeed":
