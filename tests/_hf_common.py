@@ -119,18 +119,36 @@ def _check_unwrapped(trainer: Any) -> None:
 def trainer_run(
     rank: int, world_size: int, out_dir: str, result: str, per_device: int, accumulation: int,
     stage: int, save_steps: int | None = None, resume: str | None = None,
+    user_optimizer: bool = False,
 ) -> None:
     """ZeroTrainer over ``world_size`` gloo ranks; rank 0 dumps the per-step logs to
-    ``result`` (JSON)."""
+    ``result`` (JSON). ``user_optimizer``: pass a ZeroOptimizer and scheduler built here (the
+    groups and schedule Trainer would build) through ``optimizers=``."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from zero_core import ZeroOptimizer
     from zero_core.integrations import ZeroTrainer
 
     distributed_env(rank, world_size)
     save = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
     args = training_args(out_dir, per_device, accumulation, ddp_backend="gloo", **save)
     assert args.world_size == world_size
+    model = make_model()
+    optimizers: tuple = (None, None)
+    if user_optimizer:
+        named = list(model.named_parameters())
+        groups = [
+            {"params": [(n, p) for n, p in named if "norm" not in n], "weight_decay": 0.1},
+            {"params": [(n, p) for n, p in named if "norm" in n], "weight_decay": 0.0},
+        ]
+        opt = ZeroOptimizer(groups, torch.optim.AdamW, stage=stage, lr=LR)
+        optimizers = (opt, get_linear_schedule_with_warmup(opt, 0, STEPS))
     trainer = ZeroTrainer(
-        model=make_model(), args=args, train_dataset=TokenDataset(), zero_stage=stage
+        model=model, args=args, train_dataset=TokenDataset(), zero_stage=stage,
+        optimizers=optimizers,
     )
+    if user_optimizer:
+        assert trainer.zero_optimizer is optimizers[0]
     trainer.train(resume_from_checkpoint=resume)
     _check_unwrapped(trainer)
     zero = trainer.zero_optimizer

@@ -53,15 +53,16 @@ def dp2(tmp_path_factory, reference):
     ref_dir, _ = reference
     root = tmp_path_factory.mktemp("dp2")
 
-    def run(name, per_device, accumulation, stage, save_steps=None, resume=None):
+    def run(name, per_device, accumulation, stage, save_steps=None, resume=None, user=False):
         args = (str(root / name), str(root / f"{name}.json"), per_device, accumulation, stage,
-                save_steps, resume)
+                save_steps, resume, user)
         return (name, H.trainer_run, args)
 
     scenarios = [
         run("stage2", 6, 1, 2, save_steps=4),
         run("stage1_accumulate", 3, 2, 1),
         run("resume_plain", 6, 1, 2, resume=str(ref_dir / "checkpoint-4")),
+        run("user_optimizer", 6, 1, 2, user=True),
     ]
     return root, _dist.run_scenarios(scenarios, 2)
 
@@ -72,7 +73,9 @@ def dp3(tmp_path_factory, dp2):
     _dist.check(results2, "stage2", 2)
     root = tmp_path_factory.mktemp("dp3")
     resume = str(root2 / "stage2" / "checkpoint-4")
-    scenarios = [("resume", H.trainer_run, (str(root / "resume"), str(root / "resume.json"), 4, 1, 2, None, resume))]
+    scenarios = [
+        ("resume", H.trainer_run, (str(root / "resume"), str(root / "resume.json"), 4, 1, 2, None, resume))
+    ]
     return root, _dist.run_scenarios(scenarios, 3)
 
 
@@ -106,6 +109,12 @@ def test_stage1_gradient_accumulation_dp2_equals_reference(reference, dp2):
     root, results = dp2
     _dist.check(results, "stage1_accumulate", 2)
     _assert_same_steps(_logs(root, "stage1_accumulate"), reference[1], range(1, H.STEPS + 1))
+
+
+def test_user_built_zero_optimizer_and_scheduler_equal_reference(reference, dp2):
+    root, results = dp2
+    _dist.check(results, "user_optimizer", 2)
+    _assert_same_steps(_logs(root, "user_optimizer"), reference[1], range(1, H.STEPS + 1))
 
 
 def test_checkpoint_holds_zero_ckpt_next_to_model_files(dp2):
@@ -257,3 +266,22 @@ def test_without_accelerate_prepare_says_what_to_install():
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert "needs the optional package 'accelerate'" in last and "pip install" in last
+
+
+def test_user_optimizer_params_never_move(tmp_path):
+    """torch copies CPU tensors on ``.to("cpu:0")`` (Trainer's device in a distributed CPU
+    run): ZeroTrainer skips such moves, and refuses a real move of params a ZeroOptimizer holds."""
+    from zero_core import ZeroConfigError, ZeroOptimizer
+    from zero_core.integrations import ZeroTrainer
+
+    H.reset_accelerate()
+    model = H.make_model()
+    zero = ZeroOptimizer(model.named_parameters(), torch.optim.AdamW, lr=H.LR)
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    args = H.training_args(str(tmp_path / "out"), H.GLOBAL_BATCH)
+    trainer = ZeroTrainer(model=model, args=args, train_dataset=H.TokenDataset(), optimizers=(zero, None))
+    trainer._move_model_to_device(model, torch.device("cpu:0"))
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    with pytest.raises(ZeroConfigError, match=r"move the model to meta before building the optimizer"):
+        trainer._move_model_to_device(model, torch.device("meta"))
+    assert [p.data_ptr() for p in model.parameters()] == ptrs

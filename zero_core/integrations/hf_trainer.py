@@ -50,7 +50,9 @@ except ImportError as _exc:
         f"'transformers', which is not installed; {INSTALL_HINT}"
     ) from _exc
 
-from zero_core.integrations.accelerate import unwrap_optimizer
+import inspect
+
+from zero_core.integrations.accelerate import _same_device, unwrap_optimizer
 from zero_core.optimizer import ZeroConfigError, ZeroOptimizer
 
 __all__ = ["ZeroTrainer", "ZERO_CHECKPOINT_DIR"]
@@ -70,6 +72,9 @@ _HOOKS = (
     "_load_optimizer_and_scheduler",
     "create_optimizer",
     "training_step",
+    "_load_from_checkpoint",
+    "_load_best_model",
+    "_move_model_to_device",
 )
 _missing = [name for name in _HOOKS if not hasattr(Trainer, name)]
 if _missing:
@@ -114,6 +119,10 @@ class ZeroTrainer(Trainer):
                 )
         self.zero_stage = zero_stage
         self.zero_options = options
+        # A ZeroOptimizer passed in holds the model's params as views of its flat buffers
+        # already: Trainer.__init__ must not move the model (see _move_model_to_device).
+        bound = inspect.signature(Trainer.__init__).bind_partial(self, *args, **kwargs).arguments
+        self._user_optimizer = (bound.get("optimizers") or (None, None))[0]
         super().__init__(*args, **kwargs)
         self._check_setup()
 
@@ -130,6 +139,12 @@ class ZeroTrainer(Trainer):
             raise ZeroConfigError(
                 "ZeroTrainer cannot run with DeepSpeed or FSDP, which shard the model their own "
                 "way; drop the deepspeed/fsdp arguments, or use plain Trainer"
+            )
+        if args.fp16_full_eval or args.bf16_full_eval:
+            raise ZeroConfigError(
+                "ZeroTrainer does not support fp16_full_eval/bf16_full_eval: casting the model "
+                "for evaluation would detach its params from the ZeroOptimizer's flat buffers; "
+                "evaluate in the training dtype (bf16=True autocasts)"
             )
         if args.n_gpu > 1:
             raise ZeroConfigError(
@@ -201,6 +216,21 @@ class ZeroTrainer(Trainer):
             raise type(exc)(f"args.optim={optim!r}: {exc}") from None
         return self.optimizer
 
+    def _move_model_to_device(self, model: torch.nn.Module, device: Any) -> None:
+        # torch copies a CPU tensor on `.to("cpu:0")` (the device of a distributed CPU run):
+        # skip moves to where the params already are, so that no param is replaced, and
+        # refuse a real move once a ZeroOptimizer holds the params.
+        device = torch.device(device)
+        if all(_same_device(p.device, device) for p in model.parameters()):
+            return
+        if self._user_optimizer is not None:
+            raise ZeroConfigError(
+                f"the model's params are not on args.device ({device}) but the ZeroOptimizer "
+                f"passed to ZeroTrainer already holds them (as views of its flat buffers, "
+                f"which cannot move); move the model to {device} before building the optimizer"
+            )
+        super()._move_model_to_device(model, device)
+
     def _wrap_model(self, model: torch.nn.Module, training: bool = True, dataloader: Any = None) -> torch.nn.Module:
         # Training: prepare the model without the DDP wrap (Accelerate's evaluation mode applies
         # autocast and compilation only) and mark it prepared, so that Trainer's following
@@ -232,6 +262,20 @@ class ZeroTrainer(Trainer):
         return grad_norm
 
     # ----- checkpoints ------------------------------------------------------------------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        # Trainer writes the weights into the params in place; the fp32 masters must follow
+        # (they exist already when the ZeroOptimizer was passed in).
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._sync_masters()
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self._sync_masters()
+
+    def _sync_masters(self) -> None:
+        if self.optimizer is not None:
+            self.zero_optimizer.sync_masters_from_model()
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Every rank writes its shard to ``output_dir/zero_optimizer/`` (``zero_ckpt.save``);
