@@ -20,7 +20,8 @@ model file wherever they resolve to, a ``--model`` or ``--param-names`` file, a 
 however spelled (symlinks, ``..``, ``file://``).
 
 **One job per destination, and an interrupted one is recognisable.** Before it looks at the
-destination a job *claims* it: :func:`claim_destination` creates ``zero-ckpt-incomplete.json``
+destination a reshard, convert or consolidate job *claims* it (``zero_ckpt.save`` does not:
+its ranks write one destination together, and its ``manifest.json`` is its commit point): :func:`claim_destination` creates ``zero-ckpt-incomplete.json``
 exclusively (locally a locked file linked into place, which fails if the name exists, as
 ``O_EXCL`` does; on S3 a conditional PUT with ``If-None-Match: *``), and removes it after its
 last file (manifest, index) is committed or after it cleaned up on an error. So:
@@ -377,6 +378,9 @@ class claim_destination:
                     return
                 except FileExistsError:
                     pass
+                except OSError:  # no hard links here (some network/FUSE mounts): O_EXCL itself
+                    if self._create_excl(claim, path, data):
+                        return
             finally:
                 os.unlink(tmp)
                 if fd >= 0:
@@ -387,6 +391,22 @@ class claim_destination:
             f"{self.dst.url} at the same time; choose another destination",
             path=self.dst.url_of(CLAIM_NAME),
         )
+
+    @staticmethod
+    def _create_excl(claim: _Claim, path: str, data: bytes) -> bool:
+        """Create the marker with O_EXCL and lock it at once (a reader that comes between the
+        two sees an unlocked marker without content: :func:`_parse_claim` names it an unknown
+        job, and only ``overwrite`` takes such a marker over)."""
+        import fcntl
+
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, data)
+        claim.fd, claim.ino = fd, os.fstat(fd).st_ino
+        return True
 
     def _take_over_local(self, path: str) -> None:
         """The marker exists: refuse if its holder runs (or, without overwrite, if it was
