@@ -346,9 +346,9 @@ def test_destination_inside_the_source_is_refused(src: Path, job: str, overwrite
     assert hashes(src) == before
 
 
-@pytest.mark.parametrize("job", ["reshard", "consolidate"])
+@pytest.mark.parametrize("job", ["reshard", "consolidate", "convert"])
 def test_source_inside_the_destination_is_refused(src: Path, job: str) -> None:
-    args = ["--to", "3"] if job == "reshard" else []
+    args = {"reshard": ["--to", "3"], "consolidate": [], "convert": ["--from-format", "zero-ckpt"]}[job]
     before = hashes(src)
     error_line(invoke(job, src, src.parent, *args, "--overwrite"), str(src.parent), "source")
     assert hashes(src) == before

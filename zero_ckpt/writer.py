@@ -134,7 +134,9 @@ def write_checkpoint(
     in flat order; every param of a group has the same keys; masters are stored in
     ``master_dtype`` and states in their own dtype. ``model_dtypes`` gives a param's model
     dtype (default: the master tensor's dtype). ``model_state``: extra tensors for
-    ``model.safetensors``. Shards first, ``manifest.json`` last.
+    ``model.safetensors``. Shards first, ``manifest.json`` last. ``dst`` may hold files
+    zero-ckpt does not write (kept); its earlier checkpoint files are refused unless
+    ``overwrite``, which removes exactly those (see :mod:`zero_ckpt.destination`).
     """
     model_dtypes = dict(model_dtypes or {})
     group_metas: list[GroupMeta] = []
