@@ -21,10 +21,12 @@ however spelled (symlinks, ``..``, ``file://``).
 
 **One job per destination, and an interrupted one is recognisable.** Before it looks at the
 destination a reshard, convert or consolidate job *claims* it (``zero_ckpt.save`` does not:
-its ranks write one destination together, and its ``manifest.json`` is its commit point): :func:`claim_destination` creates ``zero-ckpt-incomplete.json``
-exclusively (locally a locked file linked into place, which fails if the name exists, as
-``O_EXCL`` does; on S3 a conditional PUT with ``If-None-Match: *``), and removes it after its
-last file (manifest, index) is committed or after it cleaned up on an error. So:
+its ranks write one destination together, and its ``manifest.json`` is its commit point):
+:func:`claim_destination` creates ``zero-ckpt-incomplete.json`` exclusively (locally a locked
+file linked into place, which fails if the name exists, as ``O_EXCL`` does; ``O_EXCL`` itself
+where hard links are unavailable; on S3 a conditional PUT with ``If-None-Match: *``), and
+removes it after its last file (manifest, index) is committed or after it cleaned up on an
+error. So:
 
 - a second job into the same destination fails at once, naming the job that holds it;
 - a job killed midway leaves the marker: its output is *incomplete* whatever else is there;
