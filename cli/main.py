@@ -31,17 +31,23 @@ def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
 
 
+def _asked_for_json(raw: list[str]) -> bool:
+    """``--json`` on the command line, for an error click raised before parsing reached it."""
+    return "--json" in (raw[: raw.index("--")] if "--" in raw else raw)
+
+
 class _Group(click.Group):
     """A click group whose commands' errors print as one line instead of a traceback (as one
     JSON document ``{"error": ..., "kind": ...}`` on stdout when the command got ``--json``)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        raw = [*getattr(ctx, "_protected_args", ()), *ctx.args]  # click clears them below
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except click.ClickException as exc:
-            if not wants_json(ctx):
+            if not (wants_json(ctx) or _asked_for_json(raw)):
                 raise  # click's own: exit codes and usage messages as click does them
             echo_json(error_document(exc, _one_line(exc.format_message())))
             ctx.exit(exc.exit_code)
@@ -59,7 +65,7 @@ class _Group(click.Group):
                     + (f": {first}" if first else "")
                     + f" (set {DEBUG_ENV}=1 to see the traceback)"
                 )
-            if wants_json(ctx):
+            if wants_json(ctx) or _asked_for_json(raw):
                 echo_json(error_document(exc, message))
             else:
                 click.echo(f"error: {message}", err=True)

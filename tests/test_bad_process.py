@@ -491,6 +491,12 @@ def test_json_usage_error_is_json_too(tmp_path):
     result = _cli("reshard", DP8, str(tmp_path / "out"), "--json")  # no --to
     assert result.exit_code == 2
     assert json.loads(result.stdout) == {"error": "Missing option '--to'.", "kind": "UsageError"}
+    # refused while parsing, before click reached --json: still JSON
+    result = _cli("reshard", DP8, str(tmp_path / "out"), "--to", "2", "--part", "2/2", "--json")
+    assert result.exit_code == 2 and result.stderr == ""
+    doc = json.loads(result.stdout)
+    assert doc["kind"] == "BadParameter" and "part '2/2' is not of the form I/N" in doc["error"]
+    assert not (tmp_path / "out").exists()
 
 
 # ----- list on S3: pending multipart uploads ---------------------------------------------------------
