@@ -2,9 +2,10 @@
 
 A tiny ``LlamaForCausalLM`` (tests/_hf_common.py, built locally) trains 8 steps of 12
 sequences each. The reference is plain ``Trainer`` with ``torch.optim.AdamW`` in one process
-on the full global batch; ZeroTrainer runs on 2 gloo ranks (6 sequences each; stage 2, and
-stage 1 with 2 accumulation micro-batches of 3) and must log the same loss and the same
-gradient norm at every step, to fp32 rounding, with every step clipped (``max_grad_norm``
+on the full global batch; ZeroTrainer runs on 2 gloo ranks (6 sequences each, stage 2; stage
+1 with 2 accumulation micro-batches of 3; a ZeroOptimizer and scheduler passed in) and on 3
+(stage 2, 2 micro-batches of 2) and must log the same loss and the same gradient norm at every
+step, to fp32 rounding, with every step clipped (``max_grad_norm``
 0.5, norms near 1): a clip that does nothing (stage 2 under plain Trainer) logs norm 0 and
 changes the losses. The DP=2 checkpoint at step 4 resumes at DP=3 (4 sequences each) with the
 reference's losses for steps 5-8; so does the reference's own plain-Trainer checkpoint.
@@ -74,7 +75,9 @@ def dp3(tmp_path_factory, dp2):
     root = tmp_path_factory.mktemp("dp3")
     resume = str(root2 / "stage2" / "checkpoint-4")
     scenarios = [
-        ("resume", H.trainer_run, (str(root / "resume"), str(root / "resume.json"), 4, 1, 2, None, resume))
+        ("resume", H.trainer_run, (str(root / "resume"), str(root / "resume.json"), 4, 1, 2, None, resume)),
+        ("stage2_accumulate", H.trainer_run,
+         (str(root / "stage2_accumulate"), str(root / "stage2_accumulate.json"), 2, 2, 2)),
     ]
     return root, _dist.run_scenarios(scenarios, 3)
 
@@ -139,6 +142,12 @@ def test_resume_dp2_checkpoint_at_dp3_continues_reference_losses(reference, dp3)
     root, results = dp3
     _dist.check(results, "resume", 3)
     _assert_same_steps(_logs(root, "resume"), reference[1], range(5, H.STEPS + 1))
+
+
+def test_stage2_gradient_accumulation_dp3_equals_reference(reference, dp3):
+    root, results = dp3
+    _dist.check(results, "stage2_accumulate", 3)
+    _assert_same_steps(_logs(root, "stage2_accumulate"), reference[1], range(1, H.STEPS + 1))
 
 
 def test_resume_plain_trainer_checkpoint_at_dp2(reference, dp2):
