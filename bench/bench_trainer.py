@@ -146,7 +146,9 @@ def launch(config: str, args: argparse.Namespace, workdir: str) -> list[dict] | 
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--workdir", workdir]
         if args.quick:
             cmd.append("--quick")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        ))
     errors = []
     deadline = time.monotonic() + args.timeout
     for p in procs:
@@ -174,7 +176,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
-    parser.add_argument("--configs", help="comma-separated subset of: " + ",".join(c for c, _ in CONFIGS))
+    parser.add_argument(
+        "--configs", help="comma-separated subset of: " + ",".join(c for c, _ in CONFIGS)
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)

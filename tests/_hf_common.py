@@ -107,7 +107,8 @@ def _check_unwrapped(trainer: Any) -> None:
 
     from zero_core import ZeroOptimizer
 
-    assert not isinstance(trainer.model_wrapped, DistributedDataParallel), type(trainer.model_wrapped)
+    wrapped = trainer.model_wrapped
+    assert not isinstance(wrapped, DistributedDataParallel), type(wrapped)
     assert trainer.model_wrapped is trainer.model
     assert not any(isinstance(m, DistributedDataParallel) for m in trainer.accelerator._models)
     assert isinstance(trainer.zero_optimizer, ZeroOptimizer)

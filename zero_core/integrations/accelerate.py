@@ -109,7 +109,9 @@ def _check_accelerator(accelerator: Any, zero: ZeroOptimizer) -> None:
                     )
 
 
-def prepare(accelerator: Any, model: torch.nn.Module, optimizer: Any, *rest: Any) -> tuple[Any, ...]:
+def prepare(
+    accelerator: Any, model: torch.nn.Module, optimizer: Any, *rest: Any
+) -> tuple[Any, ...]:
     """``accelerator.prepare`` for ``model`` and its ZeroOptimizer (plus any ``rest``:
     data loaders, schedulers, ...), returned in the order given.
 

@@ -190,27 +190,33 @@ class ZeroTrainer(Trainer):
         decay = set(self.get_decay_parameter_names(opt_model))
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
         groups = [
-            {"params": [(n, p) for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [(n, p) for n, p in named if n in decay],
+             "weight_decay": self.args.weight_decay},
             {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
         else:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(
+                self.args, opt_model
+            )
         optimizer_kwargs = dict(optimizer_kwargs)
         optim = str(getattr(self.args.optim, "value", self.args.optim))  # a str enum
         special = [k for k in ("params", "model", "optimizer_dict") if k in optimizer_kwargs]
-        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or special:
+        is_class = isinstance(optimizer_cls, type)
+        if not (is_class and issubclass(optimizer_cls, torch.optim.Optimizer)) or special:
             raise ZeroConfigError(
-                f"args.optim={optim!r} builds {getattr(optimizer_cls, '__name__', optimizer_cls)!r}, "
+                f"args.optim={optim!r} builds "
+                f"{getattr(optimizer_cls, '__name__', optimizer_cls)!r}, "
                 f"which ZeroOptimizer cannot wrap; use an elementwise torch optimizer "
                 f"(adamw_torch, adamw_torch_fused, sgd, adagrad, rmsprop) or pass your own "
                 f"ZeroOptimizer with optimizers=(optimizer, scheduler)"
             )
         try:
             self.optimizer = ZeroOptimizer(
-                groups, optimizer_cls, stage=self.zero_stage, **self.zero_options, **optimizer_kwargs
+                groups, optimizer_cls, stage=self.zero_stage, **self.zero_options,
+                **optimizer_kwargs,
             )
         except ZeroConfigError as exc:  # say which Trainer argument led there
             raise type(exc)(f"args.optim={optim!r}: {exc}") from None
@@ -231,12 +237,16 @@ class ZeroTrainer(Trainer):
             )
         super()._move_model_to_device(model, device)
 
-    def _wrap_model(self, model: torch.nn.Module, training: bool = True, dataloader: Any = None) -> torch.nn.Module:
+    def _wrap_model(
+        self, model: torch.nn.Module, training: bool = True, dataloader: Any = None
+    ) -> torch.nn.Module:
         # Training: prepare the model without the DDP wrap (Accelerate's evaluation mode applies
         # autocast and compilation only) and mark it prepared, so that Trainer's following
         # accelerator.prepare(model, optimizer) leaves it as it is.
         if training and model is self.model:
-            return self.accelerator.prepare_model(model, device_placement=False, evaluation_mode=True)
+            return self.accelerator.prepare_model(
+                model, device_placement=False, evaluation_mode=True
+            )
         return super()._wrap_model(model, training=training, dataloader=dataloader)
 
     # ----- the step ---------------------------------------------------------------------
@@ -263,7 +273,9 @@ class ZeroTrainer(Trainer):
 
     # ----- checkpoints ------------------------------------------------------------------
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
         # Trainer writes the weights into the params in place; the fp32 masters must follow
         # (they exist already when the ZeroOptimizer was passed in).
         super()._load_from_checkpoint(resume_from_checkpoint, model)
