@@ -202,8 +202,11 @@ def async_failures(rank: int, ws: int, root: str) -> None:
     train(model, opt, rank, ws, range(1))
     step = iter(range(1, 100))
     if rank == 0:
+        # a user's file is fine next to a checkpoint; an earlier zero-ckpt manifest is not
+        # replaced without overwrite=True
         os.makedirs(f"{d}/taken")
         Path(f"{d}/taken/keep.txt").write_text("not a checkpoint")
+        Path(f"{d}/taken/manifest.json").write_text("{}")
     barrier()
 
     # 1. Destination refused (not empty, no overwrite): wait() raises everywhere.
@@ -211,7 +214,7 @@ def async_failures(rank: int, ws: int, root: str) -> None:
     expect_raise(DestinationExistsError, lambda: h.wait(timeout=60), "taken")
     assert h.done() and h.failed()
     barrier()
-    assert sorted(os.listdir(f"{d}/taken")) == ["keep.txt"]
+    assert sorted(os.listdir(f"{d}/taken")) == ["keep.txt", "manifest.json"]
     # The error was reported by wait(): training and the next save go on.
     train(model, opt, rank, ws, range(next(step), next(step)))
     zero_ckpt.save(f"{d}/retry", optimizer=opt, model=model, async_=True).wait(timeout=60)
@@ -321,7 +324,7 @@ def load_waits(rank: int, ws: int, root: str) -> None:
     # A failed save not yet seen: load raises it (it is not swallowed) and changes nothing.
     if rank == 0:
         os.makedirs(f"{d}/taken")
-        Path(f"{d}/taken/x").write_text("x")
+        Path(f"{d}/taken/manifest.json").write_text("{}")
     barrier()
     h = zero_ckpt.save(f"{d}/taken", optimizer=opt, model=model, async_=True)
     h._thread.join(60)
