@@ -303,3 +303,62 @@ def test_user_optimizer_params_never_move(tmp_path):
     with pytest.raises(ZeroConfigError, match=expected):
         trainer._move_model_to_device(model, torch.device("meta"))
     assert [p.data_ptr() for p in model.parameters()] == ptrs
+
+
+class _BiasFreeMLP(torch.nn.Module):
+    """No biases, no norms: every param decays, so Trainer's no-decay group is empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 32, bias=False), torch.nn.Tanh(), torch.nn.Linear(32, 1, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": torch.nn.functional.mse_loss(self.net(x), y)}
+
+
+class _Regression(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(2)
+        self.x = torch.randn(48, 8, generator=g)
+        self.y = torch.randn(48, 1, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+def test_plain_checkpoint_with_an_empty_param_group_resumes(tmp_path):
+    """Plain Trainer (constant lr) saves at step 2; ZeroTrainer resumes from it (steps 3-4,
+    saving checkpoint-4 with the empty group) and again from its own checkpoint (steps 5-6)."""
+    from transformers import Trainer
+
+    from zero_core.integrations import ZeroTrainer
+
+    def args(out, max_steps):
+        return H.training_args(str(tmp_path / out), 12, max_steps=max_steps,
+                               lr_scheduler_type="constant", save_strategy="steps", save_steps=2)
+
+    H.reset_accelerate()
+    plain = Trainer(model=_BiasFreeMLP(), args=args("plain", 6), train_dataset=_Regression())
+    plain.train()
+    ckpt = tmp_path / "plain" / "checkpoint-2"
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert [len(g["params"]) for g in saved["param_groups"]] == [2, 0]
+    want = {e["step"]: e for e in H.step_logs(plain.state.log_history)}
+    runs = (("zero", 4, ckpt, (3, 4)), ("zero2", 6, tmp_path / "zero" / "checkpoint-4", (5, 6)))
+    for out, max_steps, resume, steps in runs:
+        H.reset_accelerate()
+        zero = ZeroTrainer(model=_BiasFreeMLP(), args=args(out, max_steps),
+                           train_dataset=_Regression())
+        zero.train(resume_from_checkpoint=str(resume))
+        assert [len(g["zero_param_names"]) for g in zero.zero_optimizer.param_groups] == [2, 0]
+        got = {e["step"]: e for e in H.step_logs(zero.state.log_history)}
+        for step in steps:
+            assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=RTOL)
+            assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=RTOL)
+    assert (tmp_path / "zero" / "checkpoint-4" / "zero_optimizer" / "manifest.json").is_file()

@@ -179,7 +179,8 @@ class ZeroTrainer(Trainer):
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """Build the ZeroOptimizer from ``args`` (unless one was passed): Trainer's weight-decay
-        and no-decay groups, named, with the class and kwargs ``args.optim`` maps to.
+        and no-decay groups (both, even when one is empty, as Trainer: schedulers and plain
+        checkpoints count groups), named, with the class and kwargs ``args.optim`` maps to.
 
         Collective (ZeroOptimizer construction). ZeroConfigError when ``args.optim`` does not
         map to a ``torch.optim`` optimizer ZeroOptimizer can wrap.
@@ -194,7 +195,6 @@ class ZeroTrainer(Trainer):
              "weight_decay": self.args.weight_decay},
             {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
         ]
-        groups = [g for g in groups if g["params"]]
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
         else:
