@@ -587,3 +587,12 @@ def test_planning_refuses_a_huge_world_size_before_allocating(src: Path) -> None
     assert check_target_world_size(MAX_WORLD_SIZE) == MAX_WORLD_SIZE
     with pytest.raises(LayoutMismatchError, match="target world size is 65537"):
         check_target_world_size(MAX_WORLD_SIZE + 1)
+
+
+def test_huge_target_for_a_checkpoint_without_groups_is_refused(tmp_path: Path) -> None:
+    zero_ckpt.write_checkpoint(str(tmp_path / "src"), [], world_size=2)
+    start = time.monotonic()
+    with pytest.raises(LayoutMismatchError, match=str(MAX_WORLD_SIZE)):
+        zero_ckpt.reshard(str(tmp_path / "src"), str(tmp_path / "dst"), world_size=10**9)
+    assert time.monotonic() - start < 10
+    assert no_output(tmp_path / "dst")

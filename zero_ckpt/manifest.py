@@ -80,7 +80,12 @@ def manifest_bytes(manifest: "Manifest") -> bytes:
 
 
 def shard_path(rank: int, world_size: int) -> str:
-    """Relative path of a rank's shard: ``shards/rank-00003-of-00008.safetensors``."""
+    """Relative path of a rank's shard: ``shards/rank-00003-of-00008.safetensors``.
+
+    A world size above MAX_WORLD_SIZE is refused here too (LayoutMismatchError): planners
+    name every rank's shard, so this is the last point before per-rank work."""
+    if world_size > MAX_WORLD_SIZE:
+        check_target_world_size(world_size)
     return f"shards/rank-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
