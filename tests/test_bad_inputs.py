@@ -381,23 +381,22 @@ def test_huge_manifest_is_refused_before_it_is_read(src: Path, baseline_kb: int)
 
 
 def _damage(path: Path, how: str) -> None:
-    data = path.read_bytes()
+    """``truncated``: 4 bytes short; ``data``: one bit of the last tensor; ``header``: one
+    byte of the JSON header that still parses (the model file: a tensor renamed
+    ``running_mean`` -> ``Running_mean``; a shard: ``"F32"`` -> ``"F12"``, an unknown dtype)."""
+    data = bytearray(path.read_bytes())
     if how == "truncated":
-        path.write_bytes(data[:-4])
-    elif how == "header":
-        n = struct.unpack("<Q", data[:8])[0]
-        body = data[8 : 8 + n]
-        at = body.index(b'"F32"') + 2  # F32 -> B32 would not parse; flip the dtype's digits
-        damaged = bytearray(data)
-        damaged[8 + at] = ord("1")  # "F32" -> "F12": unknown dtype
-        if b"running_mean" in body:  # a name flip that still parses (model file)
-            damaged = bytearray(data)
-            damaged[8 + body.index(b"running_mean")] ^= 0x20
-        path.write_bytes(bytes(damaged))
-    else:  # a data byte
-        damaged = bytearray(data)
-        damaged[-3] ^= 0x01
-        path.write_bytes(bytes(damaged))
+        del data[-4:]
+    elif how == "data":
+        data[-3] ^= 0x01
+    else:
+        (n,) = struct.unpack("<Q", data[:8])
+        body = bytes(data[8 : 8 + n])
+        if b"running_mean" in body:
+            data[8 + body.index(b"running_mean")] ^= 0x20
+        else:
+            data[8 + body.index(b'"F32"') + 2] = ord("1")
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("how", ["header", "data", "truncated"])
