@@ -25,15 +25,23 @@ and no decay), the class and keyword arguments of ``args.optim`` where it is an 
 ``sgd``, ``adagrad``, ``rmsprop``), ``zero_stage`` and ``zero_options`` (other
 ``ZeroOptimizer`` keyword arguments). Or pass your own: ``optimizers=(zero_opt, scheduler)``.
 
+A ZeroOptimizer passed in already holds the model's params as views of its flat buffers, so
+the model must not move after it is built: ZeroTrainer skips Trainer's move to ``args.device``
+where the params already are (torch copies CPU tensors on ``.to("cpu:0")``, the device of a
+distributed CPU run) and refuses a real move (build the model on its device first).
+
 Not supported (refused at construction with a ZeroConfigError): ``fp16=True`` (torch's
-GradScaler cannot unscale the partitioned gradients; use ``bf16=True``), a ZeroOptimizer with
-loss scaling, DeepSpeed and FSDP, several GPUs in one process (``nn.DataParallel``).
-Written against the transformers 5.x ``Trainer`` (its ``_wrap_model``, ``_clip_grad_norm``,
-``_get_grad_norm`` and ``_save/_load_optimizer_and_scheduler`` hooks, checked at import).
+GradScaler cannot unscale the partitioned gradients; use ``bf16=True``), ``fp16_full_eval`` /
+``bf16_full_eval`` (they cast the model), a ZeroOptimizer with loss scaling, an optimizer that
+is not a ZeroOptimizer, DeepSpeed and FSDP, several GPUs in one process (``nn.DataParallel``).
+Written against the transformers 5.x ``Trainer``: the private hooks it overrides
+(``_wrap_model``, ``_move_model_to_device``, ``_clip_grad_norm``, ``_get_grad_norm``,
+``_save/_load_optimizer_and_scheduler``, ...) are checked at import.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -49,8 +57,6 @@ except ImportError as _exc:
         f"zero_core.integrations.hf_trainer (ZeroTrainer) needs the optional package "
         f"'transformers', which is not installed; {INSTALL_HINT}"
     ) from _exc
-
-import inspect
 
 from zero_core.integrations.accelerate import _same_device, unwrap_optimizer
 from zero_core.optimizer import ZeroConfigError, ZeroOptimizer
@@ -122,7 +128,8 @@ class ZeroTrainer(Trainer):
         # A ZeroOptimizer passed in holds the model's params as views of its flat buffers
         # already: Trainer.__init__ must not move the model (see _move_model_to_device).
         bound = inspect.signature(Trainer.__init__).bind_partial(self, *args, **kwargs).arguments
-        self._user_optimizer = (bound.get("optimizers") or (None, None))[0]
+        user_optimizer = (bound.get("optimizers") or (None, None))[0]
+        self._user_optimizer = None if user_optimizer is None else unwrap_optimizer(user_optimizer)
         super().__init__(*args, **kwargs)
         self._check_setup()
 
