@@ -595,3 +595,26 @@ def test_huge_target_for_a_checkpoint_without_groups_is_refused(tmp_path: Path) 
         zero_ckpt.reshard(str(tmp_path / "src"), str(tmp_path / "dst"), world_size=10**9)
     assert time.monotonic() - start < 10
     assert no_output(tmp_path / "dst")
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_reshard_to_s3_leaves_no_pending_upload(s3_bucket, tmp_path: Path, interrupt) -> None:
+    """An exception in a worker thread (here raised by the progress callback, which workers
+    call) fails the job: every multipart upload it started is aborted, nothing is committed."""
+    from helpers_ckpt import write_random
+
+    bucket, opts = s3_bucket
+    write_random(tmp_path / "src", [[3_000_000]], 1)  # one 36 MB shard: multipart, 8 MiB parts
+    calls = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        if done >= 9 << 20:  # after the first part went up
+            raise interrupt("stop")
+
+    with pytest.raises(interrupt):
+        zero_ckpt.reshard(str(tmp_path / "src"), f"{bucket}/out", world_size=1, progress=progress,
+                          dst_storage_options=opts, workers=1)
+    assert list_pending_uploads(f"{bucket}/out", opts) == []
+    with open_location(f"{bucket}/out", opts) as loc:
+        assert not [f for f in loc.list_files() if f.endswith(".safetensors") or f == "manifest.json"]
