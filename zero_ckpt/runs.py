@@ -418,6 +418,13 @@ def _describe_manifest(
     url: str, files: list[str], data: bytes | None, manifest_url: str
 ) -> tuple[str, Any, int | None, int | None, str | None]:
     """(status, step, world_size, recorded bytes or None, problem) from a manifest's bytes."""
+    if _CLAIM_MARKER in files:
+        # a job's claim: it is writing this folder now, or it was interrupted
+        return (
+            "incomplete", None, None, None,
+            f"{_CLAIM_MARKER} present: a job is writing it or was interrupted (run the job "
+            "again with --overwrite to complete it)",
+        )
     if data is None:
         return "incomplete", None, None, None, f"no {MANIFEST_NAME}: the save did not finish"
     try:

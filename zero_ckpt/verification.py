@@ -64,11 +64,15 @@ def verify(
     verifies that one (a note says so); a DeepSpeed folder is checked as ``_verify_deepspeed``
     says. Returns every problem found; raises only for storage failures that prevent reading
     at all."""
+    from zero_ckpt.destination import read_claim
     from zero_ckpt.runs import latest_zero_ckpt
 
     chunk = chunk_bytes or knobs.chunk_bytes()
     with open_location(src, storage_options) as probe:
-        resolved = latest_zero_ckpt(probe)
+        try:
+            resolved = latest_zero_ckpt(probe)
+        except CheckpointError:  # unreadable: reading the manifest below reports it
+            resolved = None
     report = VerifyReport(resolved or src)
     if resolved is not None:
         report.notes.append(
@@ -82,6 +86,16 @@ def verify(
             message = str(exc).removeprefix(loc.url + ": ").removeprefix(loc.url + " ")
             report.problems.append(Problem(loc.url, message, "format"))
             return report
+        claim = read_claim(loc)
+        if claim is not None:
+            state = "is still writing it" if claim.live else (
+                "was interrupted" if claim.live is False else "is writing it or was interrupted")
+            report.problems.append(Problem(
+                claim.url,
+                f"incomplete output: {claim.describe()} {state}; run the job again with "
+                "--overwrite to complete it",
+                "incomplete",
+            ))
         try:
             manifest = load_manifest(loc)
         except CheckpointError as exc:
