@@ -129,8 +129,15 @@ def pickle_list_of_range() -> bytes:
 
 
 def pickle_many_appends(n: int = 2_500_000) -> bytes:
-    """One list grown by ``n`` APPENDS of a memoized object (3 bytes each)."""
-    return _proto(b"]q\x00Nq\x01" + b"(" + b"h\x01" * n + b"e", 2)
+    """One list grown by ``n`` single APPENDs of a memoized object (3 bytes each; the stack
+    stays 2 deep, so only a count of container items can stop it)."""
+    return _proto(b"]q\x00Nq\x010" + b"h\x01a" * n, 2)
+
+
+def pickle_many_setitems(n: int = 2_500_000) -> bytes:
+    """A dict of ``n`` distinct int keys (7 bytes each in the pickle, ~100 in memory)."""
+    pairs = b"".join(b"J" + struct.pack("<i", i) + b"h\x01" for i in range(n))
+    return _proto(b"}q\x00Nq\x01" + b"(" + pairs + b"u", 2)
 
 
 def pickle_huge_memo_index() -> bytes:
@@ -232,7 +239,8 @@ BOMBS: dict[str, tuple[Callable[[], bytes], bool]] = {
     "binunicode8 2**36": (pickle_binunicode8, False),
     "bytearray(2**31)": (pickle_bytearray_call, False),
     "list(range(1e9))": (pickle_list_of_range, False),
-    "2.5M APPENDS": (pickle_many_appends, False),
+    "2.5M single APPENDs": (pickle_many_appends, False),
+    "2.5M-entry dict (SETITEMS)": (pickle_many_setitems, False),
     "memo index 2**31": (pickle_huge_memo_index, False),
     "100k-deep stack": (pickle_deep_stack, False),
     "50k-deep memo chain": (pickle_deep_memo_chain, False),
