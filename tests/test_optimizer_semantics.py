@@ -368,6 +368,84 @@ def knobs(rank: int, ws: int) -> None:
             ZeroOptimizer(Net().named_parameters(), torch.optim.SGD, lr=0.1, **bad)
 
 
+# ----- regressions from review: loss scale bookkeeping, set_full_grad, partial usage ---------
+
+
+def review_regressions(rank: int, ws: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+
+    def linear(**kw: Any) -> tuple[torch.nn.Linear, ZeroOptimizer, torch.nn.Linear]:
+        m = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            m.weight.copy_(torch.arange(12.0).reshape(3, 4) / 10)
+            m.bias.fill_(0.5)
+        ref = copy.deepcopy(m)
+        return m, ZeroOptimizer(m.named_parameters(), torch.optim.SGD, lr=1.0, **kw), ref
+
+    # a gradient set by hand is the unscaled, averaged gradient, even under loss scaling
+    m, opt, _ = linear(loss_scale=1024.0)
+    w0 = m.weight.detach().clone()
+    opt.set_full_grad("weight", torch.ones(3, 4))
+    opt.step()
+    assert torch.equal(w0 - m.weight.detach(), torch.ones(3, 4))
+    # backward, clip, backward, step: each gradient unscaled exactly once
+    for stage in (1, 2):
+        m, opt, ref = linear(loss_scale=1024.0, stage=stage)
+        opt.backward(m(x).sum())
+        opt.clip_grad_norm(1e9)
+        opt.backward(m(x).sum())
+        opt.step()
+        ref(x).sum().backward()
+        ref(x).sum().backward()
+        torch.testing.assert_close(m.weight.detach(), ref.weight.detach() - ref.weight.grad)
+        # no_sync after clip: its gradient belongs to this step, not the next
+        m, opt, ref = linear(stage=stage)
+        opt.backward(m(x).sum())
+        opt.clip_grad_norm(1e9)
+        with opt.no_sync():
+            m(x).sum().backward()
+        opt.step()
+        assert m.weight.grad is None
+        ref(x).sum().backward()
+        ref(x).sum().backward()
+        torch.testing.assert_close(m.weight.detach(), ref.weight.detach() - ref.weight.grad)
+        # set_full_grad replaces what no_sync collected
+        m, opt, _ = linear(stage=stage)
+        with opt.no_sync():
+            m(x).sum().backward()
+        w0 = m.weight.detach().clone()
+        opt.set_full_grad("weight", torch.zeros(3, 4))
+        opt.step()
+        assert torch.equal(m.weight.detach(), w0)
+    # zero_grad(set_to_none=False): zero gradients are applied like torch (momentum moves)
+    m, opt, ref = linear(momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=1.0, momentum=0.9)
+    for step in range(3):
+        opt.zero_grad(set_to_none=False)
+        ref_opt.zero_grad(set_to_none=False)
+        use_bias = step == 0
+        out, rout = m(x), ref(x)
+        if not use_bias:
+            out, rout = out - m.bias, rout - ref.bias
+        out.sum().backward()
+        rout.sum().backward()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(m.bias.detach(), ref.bias.detach())
+    if ws > 1:
+        # a param used on one rank only is stepped with the average on every rank, never
+        # half-skipped (b straddles the partition boundary)
+        for stage in (1, 2):
+            a = torch.nn.Parameter(torch.ones(4))
+            b = torch.nn.Parameter(torch.ones(8))
+            opt = ZeroOptimizer([("a", a), ("b", b)], torch.optim.SGD, lr=1.0, stage=stage)
+            loss = a.sum() + (b.sum() if rank == ws - 1 else 0.0)
+            loss.backward()
+            opt.step()
+            torch.testing.assert_close(b.detach(), torch.full((8,), 1.0 - 1.0 / ws))
+
+
 # ----- runs -------------------------------------------------------------------------------------
 
 SCENARIOS = {
@@ -377,6 +455,7 @@ SCENARIOS = {
     "torch_state_dicts": torch_state_dicts,
     "memory": memory,
     "knobs": knobs,
+    "review_regressions": review_regressions,
 }
 _RESULTS: dict[int, dict[str, dict[int, str | None]]] = {}
 
@@ -398,7 +477,8 @@ def test_world_size_1(name: str) -> None:
 
 @pytest.mark.parametrize("ws", [2, 3])
 @pytest.mark.parametrize(
-    "name", ["pile_up", "no_grad_rule", "torch_surface", "torch_state_dicts", "knobs"]
+    "name",
+    ["pile_up", "no_grad_rule", "torch_surface", "torch_state_dicts", "knobs", "review_regressions"],
 )
 def test_gloo(name: str, ws: int) -> None:
     check(results_for(ws), name, ws)

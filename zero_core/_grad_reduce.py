@@ -327,6 +327,8 @@ class GradReducer:
         self.bucket_numel = bucket_numel
         self.comm_dtype = comm_dtype
         self.predivide = float(predivide)
+        #: 1 / loss scale of the backward passes being reduced (set by the optimizer)
+        self.unscale = 1.0
         self.max_in_flight = max(1, max_in_flight)
         self.groups: list[FlatGroup] = []
         self.plans: list[list[BucketPlan]] = []
@@ -374,7 +376,10 @@ class GradReducer:
 
     @property
     def postscale(self) -> float:
-        return self.predivide / self.comm.world_size
+        """What a reduced piece is multiplied by as it enters the partition gradient: the
+        average over ranks, undoing the pre-division and the loss scale (so the partition
+        gradient always holds unscaled values, however often it is read)."""
+        return self.predivide / self.comm.world_size * self.unscale
 
     def _stream(self, device: torch.device) -> Any:
         if device.type != "cuda":
@@ -413,10 +418,17 @@ class GradReducer:
             if self.predivide != 1.0:
                 dst.mul_(1.0 / self.predivide)
 
-    def start_grad(self, g: int) -> torch.Tensor:
-        """Group ``g``'s partition gradient, zeroed first if the last step consumed it (for
-        gradients set by hand)."""
+    def start_grad(self, g: int, i: int) -> torch.Tensor:
+        """Group ``g``'s partition gradient (zeroed first if the last step consumed it), for
+        a gradient of param ``i`` set by hand: what was collected for ``i`` but not reduced
+        yet is dropped, so the value set replaces it."""
         self.wait_all()
+        if self._window[g][i]:  # stage 1: its region is zeroed at the next reduction
+            self._window[g][i] = False
+        return self._ensure_part_grad(g)
+
+    def start_grad_group(self, g: int) -> torch.Tensor:
+        """Group ``g``'s partition gradient, zeroed first if the last step consumed it."""
         return self._ensure_part_grad(g)
 
     def _ensure_part_grad(self, g: int) -> torch.Tensor:
@@ -666,11 +678,13 @@ class GradReducer:
     def zero_grad(self, set_to_none: bool) -> None:
         self.consume()
         if not set_to_none:
+            # torch keeps zero gradients that the next step applies: every param has one
             for g, part in enumerate(self.part_grads):
                 if part is not None:
                     part.zero_()
                     self._part_stale[g] = False
                     self.has_grad[g] = True
+                    self.got_grad[g] = [True] * len(self.got_grad[g])
 
     # ----- memory accounting --------------------------------------------------------------
 

@@ -444,6 +444,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             predivide=float(gradient_predivide_factor),
             max_in_flight=max_in_flight,
         )
+        if self._scaler is not None:
+            self._reducer.unscale = 1.0 / self._scaler.scale
 
         # torch.optim.Optimizer plumbing (LR schedulers require an Optimizer instance; hooks).
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -653,6 +655,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if found_inf:
             assert self._scaler is not None
             self._scaler.update(True)
+            self._reducer.unscale = 1.0 / self._scaler.scale
             self.last_step_skipped = True
             reducer.consume()
             return loss
@@ -687,6 +690,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.sync_model_from_masters()
         if self._scaler is not None:
             self._scaler.update(False)
+            self._reducer.unscale = 1.0 / self._scaler.scale
         self.last_step_skipped = False
         reducer.consume()
         return loss
@@ -832,12 +836,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._no_sync_depth -= 1
 
     def _on_param_grad(self, g: int, i: int, p: torch.Tensor) -> None:
-        if p.grad is None or (self._no_sync_depth and self.stage == 2):
+        if p.grad is None:
+            return
+        self._grads_prepared = False  # also inside no_sync: step must collect what is left
+        if self._no_sync_depth and self.stage == 2:
             return
         if not self._callback_queued:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
             self._callback_queued = True
-        self._grads_prepared = False
         grad, p.grad = p.grad, None
         self._reducer.add_param_grad(g, i, grad)
 
@@ -847,31 +853,59 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._reducer.end_backward()
 
     def _prepare_grads(self) -> bool:
-        """Finish reductions; unscale; agree on overflow with one all-reduce and one host
-        sync for all groups. Idempotent until the next backward."""
+        """Finish reductions, then agree across ranks, with one all-reduce and one host sync
+        for all groups, on (a) whether any gradient is non-finite (with loss scaling) and (b)
+        under ``no_grad_rule="skip"`` at world size > 1, which params got a gradient on any
+        rank (a param used on some ranks only is stepped with the averaged gradient, as DDP's
+        ``find_unused_parameters``, never half-skipped). The partition gradients are already
+        unscaled (the loss scale is undone as they are reduced), so this may run any number of
+        times. Without either, no communication and no sync."""
         if self._grads_prepared:
             return self._found_inf
         reducer = self._reducer
         reducer.reduce_local_grads([fg.params for fg in self._groups])
+        agree_grads = self.no_grad_rule == "skip" and self.world_size > 1
         found_inf = False
-        if self._scaler is not None:
+        if self._scaler is not None or agree_grads:
             device = self._device()
-            parts = [
-                p for g, p in enumerate(reducer.part_grads)
-                if p is not None and reducer.has_grad[g] and p.numel()
-            ]
-            flag = torch.zeros(1, dtype=MASTER_DTYPE, device=device)
-            if parts:
-                inv = torch.full((1,), 1.0 / self._scaler.scale, dtype=MASTER_DTYPE, device=device)
-                torch._amp_foreach_non_finite_check_and_unscale_(parts, flag, inv)
-            self._comm.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            found_inf = bool(flag.item())  # the step's one host sync
+            pieces = []
+            if self._scaler is not None:
+                parts = [
+                    p for g, p in enumerate(reducer.part_grads)
+                    if p is not None and reducer.has_grad[g] and p.numel()
+                ]
+                if parts:  # max |g| per partition: NaN and inf propagate
+                    norms = torch.stack(torch._foreach_norm(parts, math.inf))
+                    pieces.append((~torch.isfinite(norms)).any().to(MASTER_DTYPE).reshape(1))
+                else:
+                    pieces.append(torch.zeros(1, dtype=MASTER_DTYPE, device=device))
+            if agree_grads:
+                flags = [float(x) for got in reducer.got_grad for x in got]
+                pieces.append(torch.tensor(flags, dtype=MASTER_DTYPE).to(device, non_blocking=True))
+            vec = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            self._comm.all_reduce(vec, op=torch.distributed.ReduceOp.MAX)
+            values = vec.tolist()  # the step's one host sync
+            if self._scaler is not None:
+                found_inf = values.pop(0) > 0
+            if agree_grads:
+                k = 0
+                for g, got in enumerate(reducer.got_grad):
+                    agreed = [v > 0 for v in values[k : k + len(got)]]
+                    k += len(got)
+                    if any(agreed) and not reducer.has_grad[g]:
+                        reducer.start_grad_group(g)  # other ranks reduced into it: zeros here
+                    reducer.got_grad[g] = agreed
         self._found_inf = found_inf
         self._grads_prepared = True
         return found_inf
 
     def _device(self) -> torch.device:
-        return self._groups[0].device if self._groups else torch.device("cpu")
+        """The device the model's trainable params live on (a group without trainable params
+        has a placeholder buffer on the CPU)."""
+        for fg in self._groups:
+            if fg.params:
+                return fg.device
+        return torch.device("cpu")
 
     @torch.no_grad()
     def clip_grad_norm(
@@ -1241,6 +1275,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Restore :meth:`loss_scaler_state`; ignored (empty or not) without loss scaling."""
         if self._scaler is not None and state:
             self._scaler.load_state_dict(state)
+            self._reducer.unscale = 1.0 / self._scaler.scale
 
     # ----- state dicts --------------------------------------------------------------------
 
@@ -1409,7 +1444,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         g, i = self._locate(param_or_name)
         fg = self._groups[g]
         flat = self._full_value(g, i, value, "set_full_grad")
-        part = self._reducer.start_grad(g)
+        if self.stage == 2 and fg.params[i].grad is not None:
+            fg.params[i].grad = None  # left by no_sync: the value set replaces it
+        part = self._reducer.start_grad(g, i)
         for frag in fg.layout.fragments_of_param(i):
             if frag.rank == self.rank:
                 part[frag.partition_start : frag.partition_start + frag.numel].copy_(
