@@ -22,7 +22,9 @@ Same for all: a ``LlamaForCausalLM`` built under ``torch.manual_seed(0)`` from a
 logging only at the end. A step is Trainer's optimizer step (``on_step_begin`` to
 ``on_step_end`` of a callback: forward, backward, clip, optimizer step, scheduler); its time is
 the max over ranks, then the median over the ``--steps`` steps after ``--warmup``.
-Peak RSS is VmHWM of /proc/self/status at the end, max over ranks.
+Peak RSS is VmHWM of /proc/self/status at the end, max over ranks (and over repeats). The
+configurations run ``--repeats`` times round-robin (a shared machine's load changes over
+minutes); a row gives the median over its runs of each run's median step, and their range.
 """
 
 from __future__ import annotations
@@ -175,6 +177,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a ~0.9M-param model")
     parser.add_argument("--steps", type=int, default=15, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each configuration, round-robin")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
     parser.add_argument(
         "--configs", help="comma-separated subset of: " + ",".join(c for c, _ in CONFIGS)
@@ -189,24 +193,38 @@ def main() -> None:
     rows = []
     params = None
     configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs.split(",")]
+    medians: dict[str, list[float]] = {c: [] for c, _ in configs}
+    rss: dict[str, list[float]] = {c: [] for c, _ in configs}
+    wrapped: dict[str, str] = {}
+    errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as workdir:
-        for config, label in configs:
-            t0 = time.perf_counter()
-            res = launch(config, args, workdir)
-            wall = time.perf_counter() - t0
-            if isinstance(res, str):
-                rows.append((label, f"error: {res}", "", ""))
-                continue
-            params = res[0]["params"]
-            rss = max(r["rss"] for r in res) / MiB
-            if config == "baseline":
-                rows.append((label, "-", f"{rss:.0f}", ""))
-                continue
-            per_step = [max(ts) for ts in zip(*(r["step_s"] for r in res))]
-            median = statistics.median(per_step)
-            rows.append((label, f"{median:.3f}", f"{rss:.0f}",
-                         f"model {res[0]['wrapped']}; {len(per_step)} steps; run {wall:.0f} s"))
-            print(f"done: {label}", file=sys.stderr)
+        # Round-robin over the configurations, so that a change in the machine's load hits
+        # them alike; each row reports the median over repeats of each run's median step.
+        for rep in range(args.repeats):
+            for config, label in configs:
+                if config in errors or (config == "baseline" and rep):
+                    continue
+                res = launch(config, args, workdir)
+                if isinstance(res, str):
+                    errors[config] = res
+                    continue
+                params = res[0]["params"]
+                rss[config].append(max(r["rss"] for r in res) / MiB)
+                if config != "baseline":
+                    per_step = [max(ts) for ts in zip(*(r["step_s"] for r in res))]
+                    medians[config].append(statistics.median(per_step))
+                    wrapped[config] = res[0]["wrapped"]
+                print(f"done: {label} (repeat {rep + 1})", file=sys.stderr)
+    for config, label in configs:
+        if config in errors:
+            rows.append((label, f"error: {errors[config]}", "", ""))
+        elif config == "baseline":
+            rows.append((label, "-", f"{max(rss[config]):.0f}", ""))
+        else:
+            m = medians[config]
+            spread = f"runs {min(m):.3f}-{max(m):.3f} s; " if len(m) > 1 else ""
+            rows.append((label, f"{statistics.median(m):.3f}", f"{max(rss[config]):.0f}",
+                         f"model {wrapped[config]}; {spread}{len(m)} x {args.steps} steps"))
     print(f"\nLlamaForCausalLM, {params / 1e6:.2f}M fp32 params, {WORLD} gloo ranks x "
           f"{BATCH_PER_RANK} sequences of {SEQ}, 1 thread per rank\n")
     print("| configuration | median step s | peak RSS per rank MiB | notes |")
