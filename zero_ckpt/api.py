@@ -807,7 +807,7 @@ def _read_model_file(
     if model is None or mf is None:
         return []
     url = loc.url_of(mf.path)
-    data = loc.read_bytes(mf.path)
+    data = loc.read_bytes(mf.path, max_bytes=mf.bytes)
     if len(data) != mf.bytes or crc32c(data) != parse_checksum(mf.checksum):
         raise CorruptShardError(
             f"{url} does not match the manifest's size or checksum: the data is corrupted "

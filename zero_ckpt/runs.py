@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 from zero_ckpt import knobs
 from zero_ckpt.errors import CheckpointError, IncompleteCheckpointError, ManifestError
-from zero_ckpt.manifest import MANIFEST_NAME, MODEL_FILE_NAME, Manifest
+from zero_ckpt.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, MODEL_FILE_NAME, Manifest
 from zero_ckpt.storage import Location, open_location
 
 __all__ = [
@@ -59,6 +59,8 @@ CHECKPOINT_KINDS = ("zero-ckpt", "deepspeed")
 NOT_A_CHECKPOINT = "not-a-checkpoint"
 _SHARDS_DIR = "shards"
 _PARTS_DIR = "_parts"
+#: a `latest` file names one checkpoint folder: anything larger is not one (read capped)
+_MAX_LATEST_BYTES = 4096
 _CLAIM_MARKER = "zero-ckpt-incomplete.json"  # a job's claim on its destination (storage)
 _DS_OPTIM = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _DS_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -452,7 +454,7 @@ def _describe_manifest(
 
 def _read_latest(run: Location) -> str | None:
     try:
-        data = run.read_bytes(LATEST_NAME)
+        data = run.read_bytes(LATEST_NAME, max_bytes=_MAX_LATEST_BYTES)
     except FileNotFoundError:
         return None
     return _parse_latest(data, run.url_of(LATEST_NAME))
@@ -461,7 +463,7 @@ def _read_latest(run: Location) -> str | None:
 def _read_valid_manifest(run: Location, name: str, url: str) -> Manifest:
     rel = f"{name}/{MANIFEST_NAME}"
     try:
-        data = run.read_bytes(rel)
+        data = run.read_bytes(rel, max_bytes=MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         state = "does not exist" if not run.exists(name) else f"has no {MANIFEST_NAME}: it is incomplete"
         raise IncompleteCheckpointError(
@@ -522,7 +524,7 @@ def _list(
         if MANIFEST_NAME not in groups[name]:
             return None
         try:
-            return run.read_bytes(f"{name}/{MANIFEST_NAME}")
+            return run.read_bytes(f"{name}/{MANIFEST_NAME}", max_bytes=MAX_MANIFEST_BYTES)
         except FileNotFoundError:  # removed since the listing (a concurrent retention)
             return None
 

@@ -170,19 +170,12 @@ class Location:
         naming it) before anything is read: what a reader of an untrusted small file
         (``manifest.json``, ``latest``) must use."""
         if max_bytes is not None:
-            size = self.size(rel)
-            if size > max_bytes:
-                raise CorruptShardError(
-                    f"{self.url_of(rel)} is {size} bytes, more than the {max_bytes} such a file "
-                    "can be; it is damaged or not what it should be",
-                    path=self.url_of(rel),
-                    expected=max_bytes,
-                    actual=size,
-                )
             if self.is_local:
                 return self._read_whole_local(rel, max_bytes)
-            data = self.read_range(rel, 0, max_bytes + 1)
-            if len(data) > max_bytes:  # it grew since the size was taken
+            # One ranged GET of at most max_bytes + 1 bytes (no separate size request: `list`
+            # reads one manifest per checkpoint): more than max_bytes back means too large.
+            data = self._read_range_remote(rel, 0, max_bytes + 1)
+            if len(data) > max_bytes:
                 raise CorruptShardError(
                     f"{self.url_of(rel)} is more than {max_bytes} bytes, more than such a file "
                     "can be; it is damaged or not what it should be",
@@ -213,6 +206,9 @@ class Location:
             finally:
                 self._release_fd(entry)
             return bytes(buf[:got])
+        return self._read_range_remote(rel, start, end)
+
+    def _read_range_remote(self, rel: str, start: int, end: int) -> bytes:
         if self._s3 is not None:
             return self._s3.get(rel, self.url_of(rel), start, end)
         try:

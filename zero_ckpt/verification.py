@@ -234,7 +234,8 @@ def _verify_file(
         size = loc.size(meta.path)
     except CheckpointError as exc:
         return [Problem(url, "is missing", "missing", meta.rank) if isinstance(exc, FileNotFoundError)
-                else Problem(url, str(exc), "storage", meta.rank)], 0
+                else Problem(url, str(exc).removeprefix(url + ": ").removeprefix(url + " "),
+                             "storage", meta.rank)], 0
     problems: list[Problem] = []
     if size != meta.bytes:
         problems.append(
