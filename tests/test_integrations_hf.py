@@ -268,7 +268,7 @@ def test_without_transformers_the_import_error_says_what_to_install():
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: zero_core.integrations.hf_trainer (ZeroTrainer) needs")
     assert "'transformers'" in last and "pip install 'transformers>=4.46'" in last
-    assert "zero-ckpt[test]" in last
+    assert "zero-ckpt[hf]" in last
 
 
 def test_without_accelerate_prepare_says_what_to_install():

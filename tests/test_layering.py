@@ -246,10 +246,22 @@ def test_scanner_sees_every_kind_of_import(tmp_path, monkeypatch):
     ]
 
 
+INTEGRATIONS = "zero_core/integrations/"
+
+
 def test_zero_core_imports_no_zero_ckpt_or_storage():
+    """The optimizer never imports the checkpoint toolkit. The trainer integrations
+    (``zero_core/integrations/``) sit above the bridge: they save and resume through
+    ``zero_ckpt.save/load``, imported inside the functions that do it, never at import time."""
     files = py_files("zero_core")
     assert ROOT / "zero_core/layout.py" in files
-    bad = [v for path in files for v in violations(path, ("zero_ckpt", "cli", *STORAGE_LIBS))]
+    bad = []
+    for path in files:
+        if path.relative_to(ROOT).as_posix().startswith(INTEGRATIONS):
+            bad += violations(path, ("cli", *STORAGE_LIBS))
+            bad += violations(path, ("zero_ckpt",), eager_only=True)
+        else:
+            bad += violations(path, ("zero_ckpt", "cli", *STORAGE_LIBS))
     assert bad == []
 
 

@@ -173,6 +173,14 @@ def torch_surface(rank: int, ws: int) -> None:
             expect = r.grad.reshape(-1)[frag.param_start : frag.param_start + frag.numel]
             torch.testing.assert_close(view, expect, rtol=1e-5, atol=1e-7)
 
+    # a model moved or cast after the optimizer was built is refused, not silently untrained
+    moved = Net()
+    moved_opt = ZeroOptimizer(moved.named_parameters(), torch.optim.SGD, lr=0.1)
+    moved.l2.weight.data = moved.l2.weight.data.clone()
+    loss_of(moved, x[sl], t[sl]).backward()
+    with pytest.raises(ZeroConfigError, match="l2.weight.*no longer lives"):
+        moved_opt.step()
+
     # set_full_grad / set_full_state: like DeepSpeed's safe_set_full_*
     model, ref = Net(), Net()
     opt = ZeroOptimizer(model.named_parameters(), torch.optim.Adam, lr=1e-2, align=8)

@@ -649,6 +649,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_params_attached()
         found_inf = self._prepare_grads()
         self._grads_prepared = False
         reducer = self._reducer
@@ -694,6 +695,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = False
         reducer.consume()
         return loss
+
+    def _check_params_attached(self) -> None:
+        """Refuse to step when a param no longer lives in its flat buffer (``model.to(...)``,
+        ``param.data = ...`` after construction): the step would update buffers the model no
+        longer reads, and training would silently stop."""
+        for fg in self._groups:
+            if not fg.params:
+                continue
+            base = fg.flat.untyped_storage().data_ptr()
+            for spec, p in zip(fg.layout.params, fg.params):
+                if p.untyped_storage().data_ptr() != base and spec.numel:
+                    raise ZeroConfigError(
+                        f"param {spec.name!r} no longer lives in ZeroOptimizer's flat buffer "
+                        f"(the model was moved or cast, or param.data reassigned, after the "
+                        f"optimizer was built); move/cast the model first, then build "
+                        f"ZeroOptimizer"
+                    )
 
     def _step_wrapped(self, kwargs: dict[str, Any]) -> None:
         """The wrapped optimizer's step over every group that has a gradient; a partition

@@ -23,9 +23,9 @@ from typing import Any
 
 __all__ = ["ZeroTrainer", "prepare", "clip_grad_norm_", "unwrap_optimizer", "INSTALL_HINT"]
 
-#: What to install for the integrations (both packages are in the ``test`` extra).
+#: What to install for the integrations (the ``hf`` extra; the ``test`` extra has them too).
 INSTALL_HINT = (
-    "pip install 'transformers>=4.46' 'accelerate>=1.0' (both come with the zero-ckpt[test] extra)"
+    "pip install 'transformers>=4.46' 'accelerate>=1.0' (the zero-ckpt[hf] extra)"
 )
 
 # name -> module it lives in, imported on first access
