@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from zero_ckpt import __version__
-from zero_ckpt.formats import open_source
+from zero_ckpt.formats import detect_location_format, open_source
 from zero_ckpt import knobs
 from zero_ckpt.errors import CheckpointError, CorruptShardError, MissingShardError, raise_problems
 from zero_ckpt.manifest import Manifest
@@ -337,6 +337,12 @@ def _plan(
 ) -> tuple[Manifest, dict[str, SafetensorsHeader], dict[str, int], ConsolidatePlan]:
     # Format v1 or DeepSpeed (whose shards are its .pt files, located byte range by range).
     manifest, headers, header_crcs, model_header = open_source(s)
+    if detect_location_format(s) == "deepspeed":
+        from zero_ckpt.formats.deepspeed import read_deepspeed, verify_deepspeed_files
+
+        # DeepSpeed records no checksums: check its files against their zip CRC-32s
+        # before anything is written, so a damaged source never shapes an output
+        verify_deepspeed_files(s, read_deepspeed(s))
     header_crcs = dict(header_crcs)
     by_path = {manifest.shard(r).path: h for r, h in headers.items()}
     if model_header is not None and manifest.model_file is not None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from zero_ckpt.errors import CheckpointError, LayoutMismatchError
 from zero_ckpt.formats import FORMATS, detect_location_format
-from zero_ckpt.formats.deepspeed import DeepSpeedView, read_deepspeed
+from zero_ckpt.formats.deepspeed import DeepSpeedView, read_deepspeed, verify_deepspeed_files
 from zero_ckpt.manifest import MANIFEST_NAME, MODEL_FILE_NAME, Manifest
 from zero_ckpt.plan import CopyOp, FilePlan, plan_reshard
 from zero_ckpt.safetensors_format import SafetensorsHeader, build_header
@@ -175,6 +175,9 @@ def _convert_view(
         files.append(plan_model_file(source.model_file.path, view.model_header))
     check_reads(d, sources=(s,), files=[(s, f.path) for f in source.shards]
                 + ([(s, source.model_file.path)] if source.model_file else []))
+    # DeepSpeed records no checksums: its files are checked against their zip CRC-32s before
+    # anything is written, so a damaged source never shapes an output
+    verify_deepspeed_files(s, view)
     with claim_destination(d, "convert", overwrite):
         prepare_output(d, overwrite, folders=("shards",))
         return _write_view(s, d, view, plan, files, progress, workers, chunk_bytes, fsync, src)

@@ -56,6 +56,7 @@ __all__ = [
     "open_deepspeed",
     "read_deepspeed",
     "is_deepspeed_checkpoint",
+    "verify_deepspeed_files",
 ]
 
 # Placeholder checksum of a file of a foreign view: DeepSpeed records none.
@@ -885,3 +886,15 @@ def _check_slice_mappings(ranks: list[_Rank], g: int, layout: Any, notes: list[s
             f"the model states file (e.g. {diff}); the files do not belong together",
             rk.rank,
         )
+
+
+def verify_deepspeed_files(loc: Location, view: DeepSpeedView) -> int:
+    """Every file of a DeepSpeed checkpoint (each rank's optim states and the model states)
+    against the zip CRC-32s torch.save stored: called by the jobs that copy or convert one
+    (reshard, convert, consolidate) before they commit an output. Returns the bytes read."""
+    from zero_ckpt.formats.torch_zip import verify_record_crcs
+
+    files = [f.path for f in view.manifest.shards]
+    if view.manifest.model_file is not None:
+        files.append(view.manifest.model_file.path)
+    return sum(verify_record_crcs(loc, rel) for rel in files)

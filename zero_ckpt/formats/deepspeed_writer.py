@@ -101,7 +101,12 @@ from zero_ckpt import knobs
 from zero_ckpt.checksum import crc32c
 from zero_ckpt.errors import CheckpointError, CorruptShardError, LayoutMismatchError, raise_problems
 from zero_ckpt.formats import detect_location_format, open_source
-from zero_ckpt.formats.deepspeed import DEEPSPEED_ALIGN, DeepSpeedView, read_deepspeed
+from zero_ckpt.formats.deepspeed import (
+    DEEPSPEED_ALIGN,
+    DeepSpeedView,
+    read_deepspeed,
+    verify_deepspeed_files,
+)
 from zero_ckpt.formats.torch_zip import (
     STORAGE_DTYPES,
     StorageRef,
@@ -771,6 +776,7 @@ def _open(loc: Location) -> _Source:
     fmt = detect_location_format(loc)
     if fmt == "deepspeed":
         view = read_deepspeed(loc)
+        verify_deepspeed_files(loc, view)  # no checksums of its own: the zip CRC-32s
         model_rel = posixpath.join(view.tag, _MODEL_FILE) if view.tag else _MODEL_FILE
         optim_zf = open_torch_zip(loc, view.manifest.shard(0).path)
         model_zf = open_torch_zip(loc, model_rel)

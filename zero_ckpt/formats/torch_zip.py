@@ -46,6 +46,7 @@ __all__ = [
     "open_torch_zip",
     "check_pickle",
     "check_torch_file",
+    "verify_record_crcs",
     "STORAGE_DTYPES",
     "ELEMENT_SIZES",
     "MAX_PICKLE_BYTES",
@@ -804,3 +805,47 @@ def check_torch_file(loc: Location, rel: str) -> None:
             f"{MAX_PICKLE_BYTES} a checkpoint's metadata can be; the file is damaged or hostile"
         )
     check_pickle(zf.read_record("data.pkl"), zf.url)
+
+
+def verify_record_crcs(loc: Location, rel: str, chunk_bytes: int = 8 << 20) -> int:
+    """Read every byte of the ``torch.save`` zip at ``loc/rel`` once and compare each stored
+    record with the CRC-32 its central directory holds (torch writes one per record; DeepSpeed
+    records no checksums of its own). Returns the bytes read; CorruptShardError naming the file
+    and the first bad record otherwise. A job that copies or converts such a file calls it
+    before it commits anything."""
+    import zlib
+
+    url = loc.url_of(rel)
+    zf = open_torch_zip(loc, rel)
+    size = loc.size(rel)
+    try:
+        with zipfile.ZipFile(_RangeFile(loc, rel, size)) as z:  # type: ignore[arg-type]
+            expected = {i.filename: i.CRC for i in z.infolist()}
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CorruptShardError(f"{url}: {exc}", path=url) from None
+    spans = sorted((r.data_start, r.data_start + r.nbytes, r.name) for r in zf.records.values())
+    crcs = {name: 0 for _, _, name in spans}
+    buf = bytearray(max(1, min(chunk_bytes, size)))
+    pos = first = 0
+    while pos < size:
+        n = min(len(buf), size - pos)
+        view = memoryview(buf)[:n]
+        loc.read_into(rel, pos, view)
+        while first < len(spans) and spans[first][1] <= pos:
+            first += 1
+        for start, end, name in spans[first:]:
+            if start >= pos + n:
+                break
+            lo, hi = max(start, pos), min(end, pos + n)
+            if hi > lo:
+                crcs[name] = zlib.crc32(view[lo - pos : hi - pos], crcs[name])
+        pos += n
+    bad = sorted(name for name, crc in crcs.items() if name in expected and expected[name] != crc)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CorruptShardError(
+            f"{url}: zip record {bad[0]}{more} fails its CRC-32 check: the data is corrupted "
+            "(restore this file from a good copy)",
+            path=url,
+        )
+    return size
