@@ -357,6 +357,20 @@ def knobs(rank: int, ws: int) -> None:
                 loss_of(model, x[sl], t[sl]).backward()
                 opt.step()
             finals[label, stage] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    # torch's fused Adam kernel, passed through: steps the whole partition at once
+    for stage in (1, 2):
+        pair = []
+        for fused in (False, True):
+            model = Net()
+            opt = ZeroOptimizer(model.named_parameters(), torch.optim.Adam, stage=stage, lr=1e-2,
+                                fused=fused, step_chunk_numel=50)
+            for step in range(3):
+                x, t = data(step)
+                loss_of(model, x[sl], t[sl]).backward()
+                opt.step()
+            assert opt.param_groups[0]["fused"] is fused
+            pair.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        torch.testing.assert_close(pair[1], pair[0], rtol=1e-6, atol=1e-7)
     ref = finals["plain", 1]
     torch.testing.assert_close(finals["plain", 2], ref, rtol=1e-6, atol=1e-7)
     for stage in (1, 2):

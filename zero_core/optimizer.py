@@ -402,6 +402,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         probe = optimizer_class([torch.zeros(1, requires_grad=True)], **defaults)
         _check_elementwise(optimizer_class, elementwise, probe.defaults)
         del probe
+        # torch's fused kernels (``fused=True``, passed through like any option) step the
+        # one-tensor partition in one pass without temporaries: 5x faster than the default
+        # Adam on a CPU here, but not always bit-identical to it (AdamW's decay and SGD's
+        # momentum round differently), so the default stays torch's default.
 
         self._optimizer_class = optimizer_class
         self._defaults = dict(defaults)
@@ -727,6 +731,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         chunked = [
             g for g, fg in enumerate(self._groups)
             if limit and fg.master.grad is not None and fg.layout.partition_numel > limit
+            and not self.optim.param_groups[g].get("fused")  # fused: no temporaries to bound
         ]
         if not chunked:
             self.optim.step(**kwargs)
@@ -1177,9 +1182,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def group_hyperparams(self, g: int) -> dict[str, Any]:
         """JSON-serialisable hyperparameters of group ``g`` (tuples as lists), without
         ``params``. Not collective."""
-        group = self.optim.param_groups[g]
+        return {k: _jsonable(k, v) for k, v in self._user_options(g).items()}
+
+    def _user_options(self, g: int) -> dict[str, Any]:
+        """Group ``g``'s options (hyperparameters and implementation flags), without
+        ``params``."""
         return {
-            k: _jsonable(k, v) for k, v in group.items() if k not in ("params", _NAMES_KEY)
+            k: v for k, v in self.optim.param_groups[g].items() if k not in ("params", _NAMES_KEY)
         }
 
     @torch.no_grad()
@@ -1591,11 +1600,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 elif id(entry.param) in frozen_state:
                     state[next_id] = frozen_state[id(entry.param)]
                 next_id += 1
-            group = {
-                k: copy.deepcopy(v)
-                for k, v in self.optim.param_groups[g].items()
-                if k not in ("params", _NAMES_KEY)
-            }
+            group = {k: copy.deepcopy(v) for k, v in self._user_options(g).items()}
             if self._named:
                 group["param_names"] = [e.name for e in fg.entries]
             group["params"] = ids
@@ -1613,9 +1618,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         frozen = [e.param for e in self._groups[g].entries if not e.trainable]
         if not frozen:
             return {}
-        options = {
-            k: v for k, v in self.optim.param_groups[g].items() if k not in ("params", _NAMES_KEY)
-        }
+        options = self._user_options(g)
 
         def probe(device: torch.device | None) -> tuple[list[torch.Tensor], Any]:
             tensors = [
