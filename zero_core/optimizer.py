@@ -68,7 +68,7 @@ DEFAULT_ALIGN = 64
 DEFAULT_BUCKET_NUMEL = 2**22
 #: The wrapped optimizer steps the partition in chunks of this many elements, so its
 #: temporaries (Adam: two partition-sized tensors) stay chunk-sized; 0 steps it whole.
-DEFAULT_STEP_CHUNK_NUMEL = 2**20
+DEFAULT_STEP_CHUNK_NUMEL = 2**17
 
 #: Optimizer class names (matched case-insensitively as substrings) refused because their update
 #: of one element depends on other elements (layer-wise trust ratios, factored or matrix
@@ -752,44 +752,61 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 pn = fg.layout.partition_numel
                 new_full: dict[str, Any] = {}
                 self.optim.param_groups = [group]
-                for lo in range(0, pn, limit):
-                    hi = min(lo + limit, pn)
-                    chunk = torch.nn.Parameter(fg.master_data[lo:hi])
-                    chunk.grad = grad[lo:hi]
-                    views = {}
-                    for key, value in full.items():
-                        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == pn:
-                            views[key] = value[lo:hi]
-                        elif isinstance(value, torch.Tensor):
-                            views[key] = value.clone()
-                        else:
-                            views[key] = copy.deepcopy(value)
-                    self.optim.state[chunk] = dict(views)
-                    group["params"] = [chunk]
-                    try:
-                        self.optim.step(**kwargs)
-                    finally:
-                        group["params"] = [fg.master]
-                    after = self.optim.state.pop(chunk, {})
-                    for key, value in after.items():
-                        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == hi - lo:
-                            target = new_full.get(key)
-                            if target is None:
-                                target = full.get(key)
-                                if not (isinstance(target, torch.Tensor) and target.numel() == pn):
-                                    target = torch.zeros(pn, dtype=value.dtype, device=value.device)
-                                new_full[key] = target
-                            if value.data_ptr() != target[lo:hi].data_ptr():
-                                target[lo:hi].copy_(value)
-                        else:
-                            new_full[key] = value  # scalars: every chunk ends with the same
-                    if fg.master_data[lo:hi].data_ptr() != chunk.data_ptr():
-                        fg.master_data[lo:hi].copy_(chunk.detach())
+                ranges = [(lo, min(lo + limit, pn)) for lo in range(0, pn, limit)]
+                # Once the state exists as partition tensors, one step over all chunks at once
+                # (each chunk's working set stays in cache); the first step, which creates the
+                # state, goes chunk by chunk so that it never exists twice.
+                batches = [ranges] if full else [[r] for r in ranges]
+                for batch in batches:
+                    self._step_chunks(fg, group, grad, full, new_full, batch, kwargs)
                 self.optim.state[fg.master] = new_full
         finally:
             self.optim.param_groups = all_groups
             for g, grad in saved_grads.items():
                 self._groups[g].master.grad = grad
+
+    def _step_chunks(
+        self, fg: FlatGroup, group: dict[str, Any], grad: torch.Tensor, full: dict[str, Any],
+        new_full: dict[str, Any], ranges: list[tuple[int, int]], kwargs: dict[str, Any],
+    ) -> None:
+        """One wrapped step over the chunks ``ranges`` of ``fg``'s partition (see
+        :meth:`_step_wrapped`); their resulting state lands in ``new_full``."""
+        pn = fg.layout.partition_numel
+        chunks = []
+        for lo, hi in ranges:
+            chunk = torch.nn.Parameter(fg.master_data[lo:hi])
+            chunk.grad = grad[lo:hi]
+            views = {}
+            for key, value in full.items():
+                if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == pn:
+                    views[key] = value[lo:hi]
+                elif isinstance(value, torch.Tensor):
+                    views[key] = value.clone()
+                else:
+                    views[key] = copy.deepcopy(value)
+            self.optim.state[chunk] = views
+            chunks.append(chunk)
+        group["params"] = chunks
+        try:
+            self.optim.step(**kwargs)
+        finally:
+            group["params"] = [fg.master]
+        for chunk, (lo, hi) in zip(chunks, ranges):
+            after = self.optim.state.pop(chunk, {})
+            for key, value in after.items():
+                if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == hi - lo:
+                    target = new_full.get(key)
+                    if target is None:
+                        target = full.get(key)
+                        if not (isinstance(target, torch.Tensor) and target.numel() == pn):
+                            target = torch.zeros(pn, dtype=value.dtype, device=value.device)
+                        new_full[key] = target
+                    if value.data_ptr() != target[lo:hi].data_ptr():
+                        target[lo:hi].copy_(value)
+                else:
+                    new_full[key] = value  # scalars: every chunk ends with the same
+            if fg.master_data[lo:hi].data_ptr() != chunk.data_ptr():
+                fg.master_data[lo:hi].copy_(chunk.detach())
 
     def _host_grad(self, g: int) -> torch.Tensor:
         host = self._host_grads[g]
