@@ -75,6 +75,8 @@ TRAIN_CONFIGS = [
     ("zero1", "ZeroOptimizer stage 1 (Adam)", "main"),
     ("zero2", "ZeroOptimizer stage 2 (Adam)", "main"),
     ("zero2_copy", "ZeroOptimizer stage 2 (Adam), master_copy=True", "main"),
+    ("ddp_zro_fused", "DDP + torch ZeroRedundancyOptimizer(Adam, fused=True)", "main"),
+    ("zero2_fused", "ZeroOptimizer stage 2 (Adam, fused=True)", "main"),
     ("zero1_offload", "ZeroOptimizer stage 1 (Adam), offload='cpu'", "main"),
     ("zero2_offload", "ZeroOptimizer stage 2 (Adam), offload='cpu'", "main"),
     ("ds_baseline", "baseline (peers venv): deepspeed imported + model built", "peers"),
@@ -229,14 +231,16 @@ class Worker:
         # Plain Adam: the params are the model's, so its own bytes are the two moments.
         self.result["opt_bytes"] = torch_optimizer_state_bytes(opt)
 
-    def cfg_ddp_zro(self) -> None:
+    def cfg_ddp_zro(self, **adam_options) -> None:
         import torch
         from torch.distributed.optim import ZeroRedundancyOptimizer
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         self.init_dist()
         model = DDP(build_model(self.dims))
-        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=LR)
+        opt = ZeroRedundancyOptimizer(
+            model.parameters(), optimizer_class=torch.optim.Adam, lr=LR, **adam_options
+        )
         x, y = make_batch(self.dims, self.rank)
 
         def step():
@@ -279,6 +283,12 @@ class Worker:
 
     def cfg_zero2(self) -> None:
         self._zero_train(2)
+
+    def cfg_zero2_fused(self) -> None:
+        self._zero_train(2, fused=True)
+
+    def cfg_ddp_zro_fused(self) -> None:
+        self.cfg_ddp_zro(fused=True)
 
     def cfg_zero2_copy(self) -> None:
         self._zero_train(2, master_copy=True)
@@ -771,6 +781,7 @@ def zero_bytes_table(P: int, outcomes: dict) -> list[str]:
     ]
     for name, label in (("zero1", "ZeroOptimizer stage 1"), ("zero2", "ZeroOptimizer stage 2"),
                         ("zero2_copy", "ZeroOptimizer stage 2, master_copy=True"),
+                        ("zero2_fused", "ZeroOptimizer stage 2, fused Adam"),
                         ("zero1_offload", "ZeroOptimizer stage 1, offload"),
                         ("zero2_offload", "ZeroOptimizer stage 2, offload")):
         res = outcomes.get(name)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,76 +151,22 @@ def _verify_deepspeed(
     return report
 
 
-class _LocationFile(io.RawIOBase):
-    """A read-only, seekable file over ranged reads of a :class:`Location` (for ``zipfile``)."""
-
-    def __init__(self, loc: Location, rel: str, size: int) -> None:
-        self.loc, self.rel, self.size, self.pos = loc, rel, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self.size - self.pos))
-        if n:
-            self.loc.read_into(self.rel, self.pos, memoryview(b).cast("B")[:n])
-        self.pos += n
-        return n
-
-
 def _verify_zip_crcs(
     loc: Location, meta: FileMeta, size: int, chunk: int, tracker: ProgressTracker
 ) -> tuple[list[Problem], int]:
     """Stream one ``torch.save`` zip file; every stored record's bytes against its CRC-32."""
-    from zero_ckpt.formats.torch_zip import open_torch_zip
+    from zero_ckpt.formats.torch_zip import crc_failure_message, zip_crc_failures
 
     url = loc.url_of(meta.path)
     try:
-        records = open_torch_zip(loc, meta.path).records
-        with zipfile.ZipFile(_LocationFile(loc, meta.path, size)) as zf:  # type: ignore[arg-type]
-            expected = {i.filename: i.CRC for i in zf.infolist()}
-    except (CheckpointError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        return [Problem(url, str(exc).removeprefix(url + ": "), "structure", meta.rank)], 0
-    spans = sorted((r.data_start, r.data_start + r.nbytes, r.name) for r in records.values())
-    crcs = {name: 0 for _, _, name in spans}
-    buf = bytearray(chunk)
-    pos = first = 0
-    while pos < size:
-        n = min(chunk, size - pos)
-        view = memoryview(buf)[:n]
-        try:
-            loc.read_into(meta.path, pos, view)
-        except CheckpointError as exc:
-            return [Problem(url, str(exc).removeprefix(url + " "), "size", meta.rank)], pos
-        while first < len(spans) and spans[first][1] <= pos:
-            first += 1
-        for start, end, name in spans[first:]:
-            if start >= pos + n:
-                break
-            lo, hi = max(start, pos), min(end, pos + n)
-            if hi > lo:
-                crcs[name] = zlib.crc32(view[lo - pos:hi - pos], crcs[name])
-        tracker.add(n)
-        pos += n
-    bad = sorted(name for name, crc in crcs.items() if name in expected and expected[name] != crc)
+        bad = zip_crc_failures(loc, meta.path, chunk, tracker.add)
+    except CheckpointError as exc:
+        kind = "size" if "short" in str(exc) or "truncated" in str(exc) else "structure"
+        message = str(exc).removeprefix(url + ": ").removeprefix(url + " ")
+        return [Problem(url, message, kind, meta.rank)], 0
     if not bad:
         return [], size
-    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-    return [
-        Problem(url, f"zip record {bad[0]}{more} fails its CRC-32 check: the data is corrupted "
-                "(restore this file from a good copy)", "checksum", meta.rank)
-    ], size
+    return [Problem(url, crc_failure_message(bad), "checksum", meta.rank)], size
 
 
 def _verify_file(

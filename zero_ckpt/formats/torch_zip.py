@@ -47,6 +47,8 @@ __all__ = [
     "check_pickle",
     "check_torch_file",
     "verify_record_crcs",
+    "zip_crc_failures",
+    "crc_failure_message",
     "STORAGE_DTYPES",
     "ELEMENT_SIZES",
     "MAX_PICKLE_BYTES",
@@ -807,12 +809,14 @@ def check_torch_file(loc: Location, rel: str) -> None:
     check_pickle(zf.read_record("data.pkl"), zf.url)
 
 
-def verify_record_crcs(loc: Location, rel: str, chunk_bytes: int = 8 << 20) -> int:
+def zip_crc_failures(
+    loc: Location, rel: str, chunk_bytes: int = 8 << 20, progress: Any = None
+) -> list[str]:
     """Read every byte of the ``torch.save`` zip at ``loc/rel`` once and compare each stored
     record with the CRC-32 its central directory holds (torch writes one per record; DeepSpeed
-    records no checksums of its own). Returns the bytes read; CorruptShardError naming the file
-    and the first bad record otherwise. A job that copies or converts such a file calls it
-    before it commits anything."""
+    records no checksums of its own). Returns the names of the records that fail, sorted;
+    ``progress(nbytes)`` is called per chunk read. A zip that cannot be read raises the
+    CheckpointError that names it (``zipfile`` errors included)."""
     import zlib
 
     url = loc.url_of(rel)
@@ -822,6 +826,8 @@ def verify_record_crcs(loc: Location, rel: str, chunk_bytes: int = 8 << 20) -> i
         with zipfile.ZipFile(_RangeFile(loc, rel, size)) as z:  # type: ignore[arg-type]
             expected = {i.filename: i.CRC for i in z.infolist()}
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
         raise CorruptShardError(f"{url}: {exc}", path=url) from None
     spans = sorted((r.data_start, r.data_start + r.nbytes, r.name) for r in zf.records.values())
     crcs = {name: 0 for _, _, name in spans}
@@ -839,13 +845,27 @@ def verify_record_crcs(loc: Location, rel: str, chunk_bytes: int = 8 << 20) -> i
             lo, hi = max(start, pos), min(end, pos + n)
             if hi > lo:
                 crcs[name] = zlib.crc32(view[lo - pos : hi - pos], crcs[name])
+        if progress is not None:
+            progress(n)
         pos += n
-    bad = sorted(name for name, crc in crcs.items() if name in expected and expected[name] != crc)
+    return sorted(name for name, crc in crcs.items() if name in expected and expected[name] != crc)
+
+
+def crc_failure_message(bad: list[str]) -> str:
+    """The one sentence for records that fail their CRC-32 (without the file's name)."""
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    return (
+        f"zip record {bad[0]}{more} fails its CRC-32 check: the data is corrupted "
+        "(restore this file from a good copy)"
+    )
+
+
+def verify_record_crcs(loc: Location, rel: str, chunk_bytes: int = 8 << 20) -> int:
+    """:func:`zip_crc_failures`, raising CorruptShardError naming the file and the first bad
+    record. Returns the bytes read. A job that copies or converts such a file calls it before
+    it commits anything."""
+    bad = zip_crc_failures(loc, rel, chunk_bytes)
     if bad:
-        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise CorruptShardError(
-            f"{url}: zip record {bad[0]}{more} fails its CRC-32 check: the data is corrupted "
-            "(restore this file from a good copy)",
-            path=url,
-        )
-    return size
+        url = loc.url_of(rel)
+        raise CorruptShardError(f"{url}: {crc_failure_message(bad)}", path=url)
+    return loc.size(rel)
