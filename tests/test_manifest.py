@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zero_core.layout import GroupLayout, compute_partition_numel
-from zero_ckpt.errors import CheckpointError, ManifestError, Problem
+from zero_ckpt.errors import CheckpointError, LayoutMismatchError, ManifestError, Problem
 from zero_ckpt.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -151,7 +151,9 @@ def test_helper_builds_valid_manifests():
 
 def test_names_and_paths():
     assert shard_path(3, 8) == "shards/rank-00003-of-00008.safetensors"
-    assert shard_path(0, 100000) == "shards/rank-00000-of-100000.safetensors"
+    assert shard_path(0, 65536) == "shards/rank-00000-of-65536.safetensors"
+    with pytest.raises(LayoutMismatchError, match="65536"):  # MAX_WORLD_SIZE
+        shard_path(0, 65537)
     assert tensor_name(1, "exp_avg") == "g1.exp_avg"
     assert (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME) == ("zero-ckpt", 1, "manifest.json")
 
