@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from zero_ckpt.errors import CheckpointError, LayoutMismatchError
-from zero_ckpt.formats import FORMATS, detect_location_format
+from zero_ckpt.formats import FORMATS, detect_location_format, is_torch_folder
 from zero_ckpt.formats.deepspeed import DeepSpeedView, read_deepspeed, verify_deepspeed_files
 from zero_ckpt.manifest import MANIFEST_NAME, MODEL_FILE_NAME, Manifest
 from zero_ckpt.plan import CopyOp, FilePlan, plan_reshard
@@ -40,8 +40,6 @@ def check_format(loc: Location, from_format: str) -> str:
     (a folder holding ``optimizer.pt`` is a plain torch checkpoint, whatever model file sits
     next to it). CheckpointError naming the choices for an unknown name."""
     if from_format == "auto":
-        from zero_ckpt.formats.torch_optim import is_torch_folder
-
         if is_torch_folder(loc):
             return "torch"
         return detect_location_format(loc)

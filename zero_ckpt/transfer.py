@@ -18,7 +18,6 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-import torch
 
 from zero_ckpt import knobs
 from zero_ckpt.checksum import PieceChecksums, crc32c, format_checksum, parse_checksum
@@ -45,18 +44,19 @@ __all__ = [
 ]
 
 ProgressFn = Callable[[int, int], None]
-_TORCH_DTYPES = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
+_DTYPE_NAMES = (
+    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+)
+
+
+def _torch_dtype(name: str):  # noqa: ANN202 (torch is imported only when a cast is planned)
+    """torch's dtype for a safetensors dtype name. Byte-moving jobs (reshard, verify, convert
+    without a cast) never call this, so they never import torch (1.3 s of start-up)."""
+    import torch
+
+    if name not in _DTYPE_NAMES:
+        raise KeyError(name)
+    return getattr(torch, name)
 # Positioned writes let several workers fill one local file; each takes this many bytes.
 _SEGMENT_BYTES = 64 << 20
 
@@ -314,9 +314,11 @@ def copy_op_into(
         if checks is not None and op.check_source:
             checks.add(op.src_file, op.src_tensor, op.src_offset + done * src_size, len(view), crc32c(view))
         if cast:
-            values = torch.frombuffer(buf, dtype=_TORCH_DTYPES[op.src_dtype], count=n)
+            import torch
+
+            values = torch.frombuffer(buf, dtype=_torch_dtype(op.src_dtype), count=n)
             cast_buf = buffers.get_cast(per_chunk * dst_size)
-            torch.frombuffer(cast_buf, dtype=_TORCH_DTYPES[op.dst_dtype], count=n).copy_(values)
+            torch.frombuffer(cast_buf, dtype=_torch_dtype(op.dst_dtype), count=n).copy_(values)
             out = memoryview(cast_buf)[: n * dst_size]
         else:
             out = view

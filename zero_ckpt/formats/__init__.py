@@ -32,6 +32,21 @@ class OpenedSource(NamedTuple):
     model_header: SafetensorsHeader | None
 
 
+#: The file a plain torch optimizer folder holds (:mod:`zero_ckpt.formats.torch_optim`).
+TORCH_OPTIMIZER_FILE = "optimizer.pt"
+
+
+def is_torch_folder(loc: Location) -> bool:
+    """Whether ``loc`` is a plain torch optimizer folder (holds ``optimizer.pt``, no
+    ``manifest.json``). Torch-free, so detecting a format never imports torch."""
+    try:
+        if loc.exists(MANIFEST_NAME) or not loc.exists(TORCH_OPTIMIZER_FILE):
+            return False
+        return not bool(loc.fs.isfile(loc.root))
+    except OSError:
+        return False
+
+
 def detect_location_format(loc: Location) -> str:
     """``"zero-ckpt"``, ``"deepspeed"`` or ``"torch"`` for an open location; CheckpointError
     naming the URL when it is none of them."""

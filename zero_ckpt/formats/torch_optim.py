@@ -69,6 +69,7 @@ import torch
 
 from zero_ckpt.checksum import crc32c, parse_checksum
 from zero_ckpt.errors import CheckpointError, CorruptShardError, LayoutMismatchError
+from zero_ckpt.formats import TORCH_OPTIMIZER_FILE, is_torch_folder
 from zero_ckpt.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -96,7 +97,7 @@ __all__ = [
     "is_torch_folder",
 ]
 
-OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_FILE = TORCH_OPTIMIZER_FILE
 MODEL_PT_FILE = "model.pt"
 PARAM_NAMES_FILE = "param_names.json"
 #: ``manifest.extra`` key of what the torch round trip needs beyond the v1 fields.
@@ -763,16 +764,6 @@ def import_torch(
 
 
 # ----- the file convention -----------------------------------------------------------------------
-
-
-def is_torch_folder(loc: Location) -> bool:
-    """Whether ``loc`` is a folder in this module's convention (holds ``optimizer.pt``)."""
-    try:
-        if loc.exists(MANIFEST_NAME) or not loc.exists(OPTIMIZER_FILE):
-            return False
-        return not bool(loc.fs.isfile(loc.root))
-    except OSError:
-        return False
 
 
 def _split_url(url: str) -> tuple[str, str]:
