@@ -362,3 +362,19 @@ def test_plain_checkpoint_with_an_empty_param_group_resumes(tmp_path):
             assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=RTOL)
             assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=RTOL)
     assert (tmp_path / "zero" / "checkpoint-4" / "zero_optimizer" / "manifest.json").is_file()
+
+
+def test_trainer_prepares_the_zero_optimizer_without_device_placement(tmp_path):
+    """Accelerate's device placement would round-trip the whole optimizer state through the
+    device (with offload="cpu": all of it onto the GPU); ZeroTrainer turns it off for the
+    ZeroOptimizer and leaves everything else as Trainer prepares it."""
+    from zero_core.integrations import ZeroTrainer
+
+    H.reset_accelerate()
+    model = H.make_model()
+    args = H.training_args(str(tmp_path / "out"), H.GLOBAL_BATCH)
+    trainer = ZeroTrainer(model=model, args=args, train_dataset=H.TokenDataset())
+    trainer.create_optimizer()
+    prepared = trainer.accelerator.prepare(trainer.optimizer)
+    assert prepared.device_placement is False
+    assert prepared.optimizer is trainer.zero_optimizer

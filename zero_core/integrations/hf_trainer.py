@@ -81,6 +81,7 @@ _HOOKS = (
     "_load_from_checkpoint",
     "_load_best_model",
     "_move_model_to_device",
+    "create_accelerator_and_postprocess",
 )
 _missing = [name for name in _HOOKS if not hasattr(Trainer, name)]
 if _missing:
@@ -228,6 +229,23 @@ class ZeroTrainer(Trainer):
         except ZeroConfigError as exc:  # say which Trainer argument led there
             raise type(exc)(f"args.optim={optim!r}: {exc}") from None
         return self.optimizer
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # Trainer prepares the optimizer with device placement on: Accelerate would then
+        # round-trip the whole optimizer state through the device once (state_dict, move,
+        # load_state_dict), which with offload="cpu" puts all of it on the GPU. A
+        # ZeroOptimizer places its own state.
+        original = self.accelerator.prepare
+
+        def prepare(*args: Any, device_placement: Any = None) -> Any:
+            if device_placement is None and any(isinstance(a, ZeroOptimizer) for a in args):
+                device_placement = [
+                    False if isinstance(a, ZeroOptimizer) else None for a in args
+                ]
+            return original(*args, device_placement=device_placement)
+
+        self.accelerator.prepare = prepare  # type: ignore[method-assign]
 
     def _move_model_to_device(self, model: torch.nn.Module, device: Any) -> None:
         # torch copies a CPU tensor on `.to("cpu:0")` (the device of a distributed CPU run):
