@@ -415,17 +415,12 @@ class claim_destination:
         interrupted); else unlink it so the next attempt can create ours."""
         import fcntl
 
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        probe = _probe_local_claim(path, self.dst.url_of(CLAIM_NAME), fcntl.LOCK_EX)
+        if probe is None:
             return  # released meanwhile: try again
+        fd, info = probe
+        live = info.live
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                live = False
-            except BlockingIOError:
-                live = True
-            info = _parse_claim(os.pread(fd, 1 << 16, 0), self.dst.url_of(CLAIM_NAME), live)
             if live or not self.overwrite:
                 raise _claimed_error(self.dst, info, self.overwrite)
             try:
@@ -499,6 +494,29 @@ def holds_claim(dst: Location) -> bool:
         return dst.canonical_root() in _HELD
 
 
+def _probe_local_claim(path: str, url: str, lock: int) -> tuple[int, ClaimInfo] | None:
+    """Open a local marker and try its lock (``fcntl.LOCK_SH`` or ``LOCK_EX``) without
+    waiting: its holder is alive exactly when the lock is taken. Returns the open descriptor
+    (the caller closes it; a lock it got is held until then) and the marker's content, or None
+    when the marker is gone."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, lock | fcntl.LOCK_NB)
+            live = False
+        except BlockingIOError:
+            live = True
+        return fd, _parse_claim(os.pread(fd, 1 << 16, 0), url, live)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_claim(dst: Location) -> ClaimInfo | None:
     """The marker's content if ``dst`` holds one (an incomplete output: a job is writing it or
     was interrupted), else None. ``live`` says whether its job still runs, where that can be
@@ -509,19 +527,11 @@ def read_claim(dst: Location) -> ClaimInfo | None:
     if dst.is_local:
         import fcntl
 
-        try:
-            fd = os.open(dst.path_of(CLAIM_NAME), os.O_RDONLY)
-        except FileNotFoundError:
+        probe = _probe_local_claim(dst.path_of(CLAIM_NAME), url, fcntl.LOCK_SH)
+        if probe is None:
             return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                live = False
-            except BlockingIOError:
-                live = True
-            return _parse_claim(os.pread(fd, 1 << 16, 0), url, live)
-        finally:
-            os.close(fd)
+        os.close(probe[0])
+        return probe[1]
     info = _parse_claim(dst.read_bytes(CLAIM_NAME), url, None)
     return ClaimInfo(info.url, info.job, info.host, info.pid, info.started, _pid_alive(info.host, info.pid))
 

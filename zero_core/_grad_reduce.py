@@ -339,7 +339,6 @@ class GradReducer:
         #: per group, per trainable param: did a gradient arrive since the last step/zero_grad
         self.got_grad: list[list[bool]] = []
         self._flat_grads: list[torch.Tensor | None] = []  # stage 1
-        self._flat_dirty: list[bool] = []
         self._window: list[list[bool]] = []  # stage 1: arrived since the last reduce-scatter
         self._scratch: dict[int, torch.Tensor] = {}  # per group: reduce-scatter output
         self._pools: dict[tuple[torch.dtype, torch.device], BufferPool] = {}
@@ -364,7 +363,6 @@ class GradReducer:
         self.has_grad.append(False)
         self.got_grad.append([False] * len(fg.layout.params))
         self._flat_grads.append(None)
-        self._flat_dirty.append(False)
         self._window.append([False] * len(fg.layout.params))
         for pool in self._pools.values():
             pool.numel = max(pool.numel, max((p.numel for p in plans), default=0))
@@ -460,7 +458,6 @@ class GradReducer:
             spec = self.groups[g].layout.params[i]
             self._copy_in(buf[spec.offset : spec.end], flat, accumulate=self._window[g][i])
             self._window[g][i] = True
-            self._flat_dirty[g] = True
             return
         for b in self.buckets_of_param[g][i]:
             plan = self.plans[g][b]
@@ -564,7 +561,6 @@ class GradReducer:
         gloo an in-place all-reduce (its reduce-scatter costs about three all-reduces)."""
         fg = self.groups[g]
         buf = self._flat_grads[g]
-        self._flat_dirty[g] = False
         if buf is None or fg.layout.partition_numel == 0:
             return
         window = self._window[g]
@@ -640,7 +636,7 @@ class GradReducer:
         (on CUDA: the compute stream waits for the communication stream; no host sync)."""
         if self.stage == 1:
             for g in range(len(self.groups)):
-                if self._flat_dirty[g]:
+                if any(self._window[g]):  # gradients collected since the last reduction
                     self._launch_group(g)
         else:
             for key in sorted(self._open, reverse=True):
@@ -673,7 +669,6 @@ class GradReducer:
             self._part_stale[g] = part is not None
             self.got_grad[g] = [False] * len(self.got_grad[g])
             self._window[g] = [False] * len(self._window[g])
-            self._flat_dirty[g] = False
 
     def zero_grad(self, set_to_none: bool) -> None:
         self.consume()
