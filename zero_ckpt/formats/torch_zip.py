@@ -55,6 +55,13 @@ __all__ = [
     "MAX_PICKLE_ITEMS",
     "MAX_PICKLE_DEPTH",
     "MAX_ZIP_MEMBERS",
+    "ZIP_FLAGS",
+    "ZIP64_LIMIT",
+    "ZIP_ALIGN_DATA",
+    "zip_local_header",
+    "zip_descriptor",
+    "zip_central",
+    "zip_end_records",
 ]
 
 # Caps on what an untrusted ``.pt`` file may make the reader spend, each checked before the
@@ -573,6 +580,68 @@ class _RangeFile(io.RawIOBase):
             self.loc.read_into(self.rel, self.pos, memoryview(b).cast("B")[:n])
         self.pos += n
         return n
+
+
+# ----- writing torch.save zip records (shared by the writers) --------------------------------------
+
+ZIP_FLAGS = 0x0808  # data descriptor follows the data; UTF-8 names (what torch's writer sets)
+ZIP64_LIMIT = 0xFFFFFFFF  # sizes/offsets from here on go in zip64 fields
+ZIP_ALIGN_DATA = 64  # torch aligns every record's data to 64 bytes (an "FB" padding extra field)
+_MARK32 = 0xFFFFFFFF  # "see the zip64 field" in a 32-bit field
+
+
+def zip_local_header(name: bytes, offset: int, zip64: bool) -> bytes:
+    """The local header of a record named ``name`` starting at byte ``offset`` of the archive, as
+    torch writes it: sizes and CRC-32 left zero (a data descriptor follows the data), the data
+    aligned to :data:`ZIP_ALIGN_DATA` bytes by an "FB" extra field; ``zip64`` for a record of
+    :data:`ZIP64_LIMIT` bytes or more."""
+    extra = struct.pack("<HHQQ", 1, 16, 0, 0) if zip64 else b""
+    base = offset + 30 + len(name) + len(extra)
+    pad = (-base) % ZIP_ALIGN_DATA
+    if pad < 4:
+        pad += ZIP_ALIGN_DATA
+    extra += b"FB" + struct.pack("<H", pad - 4) + b"Z" * (pad - 4)
+    head = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 0, ZIP_FLAGS, 0, 0, 0, 0, 0, 0,
+                       len(name), len(extra))
+    return head + name + extra
+
+
+def zip_descriptor(crc: int, nbytes: int, zip64: bool) -> bytes:
+    """The data descriptor written after a record's data: its CRC-32 and size."""
+    if zip64:
+        return struct.pack("<IIQQ", 0x08074B50, crc, nbytes, nbytes)
+    return struct.pack("<IIII", 0x08074B50, crc, nbytes, nbytes)
+
+
+def zip_central(name: bytes, crc: int, nbytes: int, offset: int, zip64_limit: int = ZIP64_LIMIT) -> bytes:
+    """The central directory entry of a stored record (local header at ``offset``)."""
+    extra = b""
+    size32, off32 = nbytes, offset
+    values = []
+    if nbytes >= zip64_limit:
+        values += [nbytes, nbytes]
+        size32 = _MARK32
+    if offset >= zip64_limit:
+        values.append(offset)
+        off32 = _MARK32
+    if values:
+        extra = struct.pack("<HH", 1, 8 * len(values)) + struct.pack(f"<{len(values)}Q", *values)
+    need = 45 if values else 0
+    return struct.pack(
+        "<IHHHHHHIIIHHHHHII", 0x02014B50, need, need, ZIP_FLAGS, 0, 0, 0, crc, size32, size32,
+        len(name), len(extra), 0, 0, 0, 0, off32,
+    ) + name + extra
+
+
+def zip_end_records(count: int, cd_offset: int, cd_size: int, zip64_limit: int = ZIP64_LIMIT) -> bytes:
+    """The zip64 end record, its locator and the end record (torch writes all three)."""
+    zip64_eocd = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, cd_size, cd_offset)
+    locator = struct.pack("<IIQI", 0x07064B50, 0, cd_offset + cd_size, 1)
+    eocd = struct.pack(
+        "<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+        cd_size if cd_size < zip64_limit else _MARK32, cd_offset if cd_offset < zip64_limit else _MARK32, 0,
+    )
+    return zip64_eocd + locator + eocd
 
 
 _EOCD = b"PK\x05\x06"
