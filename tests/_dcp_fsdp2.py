@@ -1,8 +1,8 @@
 """A real PyTorch Distributed Checkpoint (DCP) saved by FSDP2 on CPU + gloo, for the DCP tests.
 
 :func:`save_fsdp2_checkpoint` spawns ``world_size`` gloo ranks (through :mod:`tests._dist`),
-builds a tiny model with uneven dimensions (so dim-0 shards are uneven, one rank's shard of the
-5-row head is smaller than the other's), wraps every layer and the root with FSDP2's
+builds a tiny model with uneven dimensions (so dim-0 shards are uneven: 13 rows -> 7 + 6, 5 -> 3
++ 2, and the 1-row gate leaves rank 1 an empty shard), wraps every layer and the root with FSDP2's
 ``fully_shard`` on a CPU device mesh, runs two Adam steps and writes
 ``dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)`` with
 ``msd, osd = get_state_dict(model, optimizer)``: the checkpoint a training job using FSDP2 and
@@ -33,10 +33,11 @@ def _build(seed: int = 0):
             self.inp = nn.Linear(8, 13)
             self.norm = nn.LayerNorm(13)
             self.out = nn.Linear(13, 5)
+            self.gate = nn.Linear(5, 1)  # one row: rank 1's dim-0 shard of it is empty
             self.register_buffer("scale", torch.arange(3, dtype=torch.float32) + 0.5)
 
         def forward(self, x):
-            return self.out(torch.relu(self.norm(self.inp(x)))) * self.scale.sum()
+            return self.gate(self.out(torch.relu(self.norm(self.inp(x))))) * self.scale.sum()
 
     torch.manual_seed(seed)
     return Tiny()
@@ -51,7 +52,7 @@ def _save(rank: int, world_size: int, path: str, steps: int) -> None:
 
     mesh = init_device_mesh("cpu", (world_size,))
     model = _build()
-    for layer in (model.inp, model.norm, model.out):
+    for layer in (model.inp, model.norm, model.out, model.gate):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.01)

@@ -80,6 +80,9 @@ def test_metadata_of_an_fsdp2_save(fsdp2_ckpt):
     assert [(c.offsets, c.sizes) for c in w.chunks] == [((0, 0), (7, 8)), ((7, 0), (6, 8))]
     assert {c.file for c in w.chunks} == {"__0_0.distcp", "__1_0.distcp"}
     assert meta.tensors["optim.state.out.weight.step"].shape == ()
+    # a rank whose dim-0 shard is empty still saves a (0-element) chunk, at offset == dim size
+    gate = meta.tensors["optim.state.gate.weight.exp_avg"]
+    assert [(c.offsets, c.sizes) for c in gate.chunks] == [((0, 0), (1, 5)), ((1, 0), (0, 5))]
     assert meta.planner_data["optim.state.inp.weight.exp_avg"] == ("optim", "state", "inp.weight", "exp_avg")
     assert meta.planner_data["optim.param_groups.0.lr"] == ("optim", "param_groups", 0, "lr")
     assert meta.storage_meta is not None and meta.storage_meta.checkpoint_id == path
@@ -115,6 +118,7 @@ def test_bytes_items_decode_as_torch_loads_them(fsdp2_ckpt):
         assert got == _lookup(full, meta.planner_data[fqn]), fqn
     assert read_bytes_item(loc, **_where(meta.bytes_items["optim.param_groups.0.params"])) == [
         "inp.weight", "inp.bias", "norm.weight", "norm.bias", "out.weight", "out.bias",
+        "gate.weight", "gate.bias",
     ]
 
 
