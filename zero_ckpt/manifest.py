@@ -238,7 +238,9 @@ class Manifest:
         }
         body = json.dumps(doc, indent=1, allow_nan=False)
         # The document's last line is its own checksum (see CHECKSUM_FIELD).
-        assert body.endswith("\n}")
+        if not body.endswith("\n}"):
+            raise ManifestError(f"the manifest of {self.world_size} ranks serialised to JSON that does not end "
+                                "in '\\n}', where its checksum line goes (json.dumps changed its layout?)")
         prefix = body[:-2]
         crc = crc32c(prefix.encode())
         return f'{prefix},\n "{CHECKSUM_FIELD}": "{format_checksum(crc)}"\n}}\n'

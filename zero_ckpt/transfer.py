@@ -1,10 +1,13 @@
 """The execution engine: move bytes along a plan with bounded memory, in parallel, verified.
 
-Shared by reshard, consolidate and load. It reads source headers (checked against the
-manifest), runs :class:`~zero_ckpt.plan.FilePlan` lists through a thread pool with one reusable
-buffer per worker, checksums every piece it reads and writes (CRC32C, combined afterwards, so
-sources are verified and outputs checksummed in one pass), reports progress, and on any
-failure removes everything it wrote.
+Shared by reshard, consolidate, load and every format writer. It reads source headers (checked
+against the manifest), runs :class:`~zero_ckpt.plan.FilePlan` lists of typed segments
+(:mod:`zero_ckpt.segments`: copy, cast, zeros, literal bytes, CRC-32-computed zip records)
+through a thread pool with one reusable buffer per worker, checksums every piece it reads and
+writes (CRC32C, combined afterwards, so sources are verified and outputs checksummed in one
+pass), reports progress, and on any failure removes everything it wrote. A file holding a
+CRC-32-computed segment is written by one task in order (its CRC-32s accumulate as the bytes
+stream past); other local and S3 files are filled by several workers with positioned writes.
 
 Memory: at most ``workers`` x (``chunk_bytes`` + a cast buffer) at once, independent of the
 checkpoint's size.
@@ -12,7 +15,9 @@ checkpoint's size.
 
 from __future__ import annotations
 
+import bisect
 import threading
+import zlib
 from collections import defaultdict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -28,6 +33,15 @@ from zero_ckpt.opening import load_manifest, read_header, read_source_headers
 from zero_ckpt.manifest import FileMeta
 from zero_ckpt.plan import CopyOp, FilePlan
 from zero_ckpt.safetensors_format import SafetensorsHeader
+from zero_ckpt.segments import (
+    CastViaSegment,
+    Crc32Segment,
+    LiteralSegment,
+    Segment,
+    SegmentPlanError,
+    ZerosSegment,
+    check_segments,
+)
 from zero_ckpt.storage import FileWriter, Location
 
 __all__ = [
@@ -59,6 +73,8 @@ def _torch_dtype(name: str):  # noqa: ANN202 (torch is imported only when a cast
     return getattr(torch, name)
 # Positioned writes let several workers fill one local file; each takes this many bytes.
 _SEGMENT_BYTES = 64 << 20
+# Zero bytes handed out for ZerosSegment, shared read-only by every worker.
+_ZEROS = bytes(1 << 20)
 
 
 class ProgressTracker:
@@ -223,8 +239,10 @@ class _FileJob:
     first segment starts and committed when the last ends, so only the files in progress hold
     a descriptor or buffers (a plan of 4096 files runs under ``ulimit -n 1024``)."""
 
-    def __init__(self, plan: FilePlan, dst: Location, positioned: bool, segments: int) -> None:
+    def __init__(self, plan: FilePlan, dst: Location, positioned: bool, segments: int,
+                 crcs: "_Crc32Ranges | None" = None) -> None:
         self.plan = plan
+        self.crcs = crcs
         self.dst = dst
         self.positioned = positioned
         self.writer: FileWriter | None = None
@@ -255,18 +273,62 @@ class _Stopped(Exception):
     """A task that found the job already failing: nothing to report."""
 
 
-def _segments(plan: FilePlan, parallel: bool) -> list[list[CopyOp]]:
-    if not parallel:
-        return [list(plan.ops)]
-    out: list[list[CopyOp]] = [[]]
+def _segments(plan: FilePlan, parallel: bool) -> list[list[tuple[int, Segment]]]:
+    """The plan's segments with their offsets, cut into tasks of about ``_SEGMENT_BYTES`` when
+    workers may fill the file in parallel. A file with a :class:`Crc32Segment` is one task: its
+    CRC-32s accumulate as the bytes before it stream past, in order."""
+    placed = list(zip(check_segments(plan.path, len(plan.header_bytes), plan.ops, plan.file_bytes), plan.ops))
+    if not parallel or any(isinstance(seg, Crc32Segment) for seg in plan.ops):
+        return [placed]
+    out: list[list[tuple[int, Segment]]] = [[]]
     size = 0
-    for op in plan.ops:
-        if out[-1] and size + op.dst_nbytes > _SEGMENT_BYTES:
+    for pos, seg in placed:
+        if out[-1] and size + seg.dst_nbytes > _SEGMENT_BYTES:
             out.append([])
             size = 0
-        out[-1].append(op)
-        size += op.dst_nbytes
+        out[-1].append((pos, seg))
+        size += seg.dst_nbytes
     return out
+
+
+class _Crc32Ranges:
+    """zlib CRC-32s of the byte ranges a file's :class:`Crc32Segment` list needs, fed with the
+    file's bytes in order as they are written (one task per such file: no locking)."""
+
+    def __init__(self, path: str, segments: Sequence[Segment]) -> None:
+        wanted = sorted({r for seg in segments if isinstance(seg, Crc32Segment) for r in seg.ranges})
+        for (s0, n0), (s1, _) in zip(wanted, wanted[1:]):
+            if s0 + n0 > s1:
+                raise SegmentPlanError(
+                    f"{path}: CRC-32 ranges [{s0}, {s0 + n0}) and [{s1}, ...) overlap; plan disjoint ranges",
+                    path=path,
+                )
+        self.path = path
+        self.ranges = wanted
+        self.starts = [s for s, _ in wanted]
+        self.crc = {r: 0 for r in wanted}
+        self.seen = {r: 0 for r in wanted}
+
+    def feed(self, pos: int, data: memoryview | bytes) -> None:
+        end = pos + len(data)
+        i = max(0, bisect.bisect_right(self.starts, pos) - 1)
+        while i < len(self.ranges) and self.ranges[i][0] < end:
+            s, n = self.ranges[i]
+            lo, hi = max(s, pos), min(s + n, end)
+            if lo < hi:
+                self.crc[(s, n)] = zlib.crc32(data[lo - pos: hi - pos], self.crc[(s, n)])
+                self.seen[(s, n)] += hi - lo
+            i += 1
+
+    def values(self, seg: Crc32Segment) -> tuple[int, ...]:
+        for r in seg.ranges:
+            if self.seen[r] != r[1]:
+                raise SegmentPlanError(
+                    f"{self.path}: the CRC-32 of bytes [{r[0]}, {r[0] + r[1]}) was wanted after "
+                    f"{self.seen[r]} of its {r[1]} bytes were written",
+                    path=self.path, expected=r[1], actual=self.seen[r],
+                )
+        return tuple(self.crc[r] for r in seg.ranges)
 
 
 class _Buffers(threading.local):
@@ -296,14 +358,16 @@ def copy_op_into(
     emit: Callable[[int, memoryview], int | None],
     checks: SourceChecks | None,
     progress: ProgressTracker | None,
+    via: str | None = None,
 ) -> None:
     """Stream one op in chunks: read, checksum the source piece, cast, hand to ``emit``.
 
-    ``emit(dst_offset_within_op, data)`` writes the (cast) bytes.
+    ``emit(dst_offset_within_op, data)`` writes the (cast) bytes. ``via``: cast to that dtype
+    first (:class:`~zero_ckpt.segments.CastViaSegment`).
     """
     src_size = op.src_nbytes // op.numel if op.numel else 1
     dst_size = op.dst_nbytes // op.numel if op.numel else 1
-    cast = op.src_dtype != op.dst_dtype
+    cast = op.src_dtype != op.dst_dtype or via is not None
     per_chunk = max(1, chunk_bytes // max(src_size, dst_size))
     done = 0
     while done < op.numel:
@@ -317,6 +381,8 @@ def copy_op_into(
             import torch
 
             values = torch.frombuffer(buf, dtype=_torch_dtype(op.src_dtype), count=n)
+            if via is not None:
+                values = values.to(_torch_dtype(via))
             cast_buf = buffers.get_cast(per_chunk * dst_size)
             torch.frombuffer(cast_buf, dtype=_torch_dtype(op.dst_dtype), count=n).copy_(values)
             out = memoryview(cast_buf)[: n * dst_size]
@@ -348,52 +414,81 @@ def run_file_plans(
     nworkers = resolve_workers(workers, chunk, dst)
     buffers = _Buffers()
     jobs: list[_FileJob] = []
-    tasks: list[tuple[_FileJob, list[CopyOp], bool]] = []
+    tasks: list[tuple[_FileJob, list[tuple[int, Segment]], bool]] = []
     stop = threading.Event()
     # Positioned writes need a local or S3 destination and a known size (every plan has one).
     positioned = dst.is_local or dst._s3 is not None
     try:
         for plan in plans:
             segments = _segments(plan, positioned)
-            job = _FileJob(plan, dst, positioned, len(segments))
+            crcs = _Crc32Ranges(plan.path, plan.ops) if len(segments) == 1 and any(
+                isinstance(seg, Crc32Segment) for seg in plan.ops) else None
+            job = _FileJob(plan, dst, positioned, len(segments), crcs)
             jobs.append(job)
             for i, seg in enumerate(segments):
                 tasks.append((job, seg, i == 0))
 
-        def run(job: _FileJob, ops: list[CopyOp], first: bool) -> None:
+        def run(job: _FileJob, segs: list[tuple[int, Segment]], first: bool) -> None:
             if stop.is_set():
                 return
             writer = job.open()
             positioned = job.positioned
             if positioned and not writer.supports_write_at:
                 raise RuntimeError(f"{writer.url}: positioned writes are not supported here")
-            if first and job.plan.header_bytes:
-                hb = job.plan.header_bytes
-                if positioned:
-                    writer.write_at(0, hb)
-                else:
-                    writer.write(hb)
-                with job.lock:
-                    job.pieces.add(0, len(hb), crc32c(hb))
+            crcs = job.crcs
             local_pieces: list[tuple[int, int, int]] = []
             local_tensor: list[tuple[str, int, int, int]] = []
-            for op in ops:
+
+            def put(pos: int, data: memoryview | bytes) -> int:
+                if stop.is_set():  # another task failed or the user interrupted
+                    raise _Stopped()
+                crc = crc32c(data)
+                if positioned:
+                    writer.write_at(pos, data)
+                else:
+                    writer.write(data)
+                local_pieces.append((pos, len(data), crc))
+                if crcs is not None:
+                    crcs.feed(pos, data)
+                return crc
+
+            if first and job.plan.header_bytes:
+                put(0, job.plan.header_bytes)
+            for pos, seg in segs:
                 if stop.is_set():
                     return
+                if isinstance(seg, (CopyOp, CastViaSegment)):
+                    op = seg if isinstance(seg, CopyOp) else seg.op
 
-                def emit(rel: int, data: memoryview, op: CopyOp = op) -> None:
-                    if stop.is_set():  # another task failed or the user interrupted
-                        raise _Stopped()
-                    crc = crc32c(data)
-                    if positioned:
-                        writer.write_at(op.dst_start + rel, data)
-                    else:
-                        writer.write(data)
-                    local_pieces.append((op.dst_start + rel, len(data), crc))
-                    if op.dst_tensor is not None:
-                        local_tensor.append((op.dst_tensor, op.dst_offset + rel, len(data), crc))
+                    def emit(rel: int, data: memoryview, op: CopyOp = op) -> None:
+                        crc = put(op.dst_start + rel, data)
+                        if op.dst_tensor is not None:
+                            local_tensor.append((op.dst_tensor, op.dst_offset + rel, len(data), crc))
 
-                copy_op_into(op, src, buffers, chunk, emit, checks, progress)
+                    via = seg.via if isinstance(seg, CastViaSegment) else None
+                    copy_op_into(op, src, buffers, chunk, emit, checks, progress, via=via)
+                elif isinstance(seg, LiteralSegment):
+                    if seg.data:
+                        put(pos, seg.data)
+                elif isinstance(seg, ZerosSegment):
+                    done = 0
+                    while done < seg.nbytes:
+                        n = min(len(_ZEROS), seg.nbytes - done)
+                        put(pos + done, memoryview(_ZEROS)[:n])
+                        done += n
+                else:  # Crc32Segment (check_segments refused anything else)
+                    if crcs is None:
+                        raise SegmentPlanError(f"{job.plan.path}: a CRC-32 segment was split from its file's bytes",
+                                               path=job.plan.path)
+                    data = seg.render(crcs.values(seg))
+                    if len(data) != seg.nbytes:
+                        raise SegmentPlanError(
+                            f"{job.plan.path}: the CRC-32 segment at byte {pos} rendered {len(data)} bytes, "
+                            f"planned {seg.nbytes}",
+                            path=job.plan.path, expected=seg.nbytes, actual=len(data),
+                        )
+                    if data:
+                        put(pos, data)
             with job.lock:
                 for piece in local_pieces:
                     job.pieces.add(*piece)

@@ -49,11 +49,14 @@ optimizer does not own (tied names, frozen params, buffers), ``<tag>/zero/optimi
 ``ds_to_universal`` the per-param values follow ``param_shapes`` order, so they are right under
 ``round_robin_gradients`` too.
 
-How: the ``.pt`` files are torch.save zip archives written here directly, record by record: the
-pickle (protocol 2, exactly the opcodes torch.save emits for the same objects, DeepSpeed classes
-named by reference without importing DeepSpeed) and the tensor records, which are streamed from
-byte ranges of the source files (format-v1 shards, DeepSpeed optim/model files) in chunks. Memory
-stays within the chunk buffers whatever the checkpoint's size; source bytes are never modified,
+How: the ``.pt`` files are torch.save zip archives planned here record by record as
+:mod:`zero_ckpt.segments` (literal local headers and pickle, protocol 2, exactly the opcodes
+torch.save emits for the same objects, DeepSpeed classes named by reference without importing
+DeepSpeed; tensor records copied or cast from byte ranges of the source files, format-v1 shards or
+DeepSpeed optim/model files, with zeros for padding; data descriptors and central directory
+computed from the records' CRC-32) and run by the one streaming engine,
+:func:`zero_ckpt.transfer.run_file_plans`, in chunks. Memory stays within the chunk buffers
+whatever the checkpoint's size; source bytes are never modified,
 so the state is bit-identical. Format-v1 sources are checked against their checksums as they are
 read. ``deepspeed`` is never imported.
 
@@ -87,18 +90,15 @@ import math
 import pickle
 import posixpath
 import struct
-import threading
 import zlib
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping
+from functools import partial
+from typing import Any, Iterable, Mapping
 
 import torch
 
 from zero_core.layout import GroupLayout, compute_partition_numel
-from zero_ckpt import knobs
-from zero_ckpt.checksum import crc32c
 from zero_ckpt.errors import CheckpointError, CorruptShardError, LayoutMismatchError, raise_problems
 from zero_ckpt.formats import detect_location_format, open_source
 from zero_ckpt.formats.deepspeed import (
@@ -114,11 +114,17 @@ from zero_ckpt.formats.torch_zip import (
     TorchZipFile,
     Unknown,
     open_torch_zip,
+    zip_central,
+    zip_descriptor,
+    zip_end_records,
+    zip_local_header,
 )
 from zero_ckpt.manifest import FileMeta, GroupMeta, Manifest, ParamMeta, tensor_name
+from zero_ckpt.plan import CopyOp, FilePlan
 from zero_ckpt.safetensors_format import SafetensorsHeader, dtype_size
 from zero_ckpt.storage import Location, open_location, prepare_destination
-from zero_ckpt.transfer import ProgressFn, ProgressTracker, SourceChecks
+from zero_ckpt.segments import CastViaSegment, Crc32Segment, LiteralSegment, Segment, ZerosSegment
+from zero_ckpt.transfer import ProgressFn, ProgressTracker, SourceChecks, run_file_plans
 
 __all__ = [
     "DEEPSPEED_FORMAT_VERSION",
@@ -219,6 +225,10 @@ class _Copy:
     nbytes: int
     check: tuple[str, str, int] | None = None
 
+    @property
+    def dst_nbytes(self) -> int:
+        return self.nbytes
+
 
 @dataclass(frozen=True)
 class _Cast:
@@ -232,26 +242,13 @@ class _Cast:
     dst_dtype: str
     via: str | None = None
 
-
-@dataclass(frozen=True)
-class _Zeros:
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class _Bytes:
-    data: bytes
+    @property
+    def dst_nbytes(self) -> int:
+        return self.numel * dtype_size(self.dst_dtype)
 
 
-_Segment = _Copy | _Cast | _Zeros | _Bytes
-
-
-def _seg_nbytes(seg: _Segment) -> int:
-    if isinstance(seg, _Cast):
-        return seg.numel * dtype_size(seg.dst_dtype)
-    if isinstance(seg, _Bytes):
-        return len(seg.data)
-    return seg.nbytes
+# What a storage record holds, in order; placed in the file as engine segments by _archive_plan.
+_Segment = _Copy | _Cast | ZerosSegment | LiteralSegment
 
 
 @dataclass(eq=False)
@@ -263,9 +260,13 @@ class _Storage:
     segments: tuple[_Segment, ...]
 
     def __post_init__(self) -> None:
-        got = sum(_seg_nbytes(s) for s in self.segments)
+        got = sum(s.dst_nbytes for s in self.segments)
         if got != self.numel * dtype_size(self.dtype):
-            raise AssertionError(f"storage of {self.numel} {self.dtype} planned with {got} bytes")
+            raise DeepSpeedWriteError(
+                f"a storage of {self.numel} {self.dtype} elements was planned with {got} bytes "
+                f"instead of {self.numel * dtype_size(self.dtype)} (a bug in the writer's plan)",
+                expected=self.numel * dtype_size(self.dtype), actual=got,
+            )
 
 
 @dataclass(eq=False)
@@ -289,13 +290,13 @@ def _tensor(
     dtype: str, shape: tuple[int, ...], segments: Iterable[_Segment], requires_grad: bool = False
 ) -> _Tensor:
     shape = tuple(int(d) for d in shape)
-    storage = _Storage(dtype, math.prod(shape), tuple(s for s in segments if _seg_nbytes(s)))
+    storage = _Storage(dtype, math.prod(shape), tuple(s for s in segments if s.dst_nbytes))
     return _Tensor(storage, 0, shape, _contiguous_stride(shape), requires_grad)
 
 
 def _scalar_tensor(value: float) -> _Tensor:
     """A float32 0-d tensor (how torch's Adam keeps ``step``)."""
-    return _tensor("float32", (), [_Bytes(struct.pack("<f", float(value)))])
+    return _tensor("float32", (), [LiteralSegment(struct.pack("<f", float(value)))])
 
 
 def _size(shape: Iterable[int]) -> _Call:
@@ -455,10 +456,7 @@ class _TreeCopier:
 # ----- the torch.save zip container ------------------------------------------------------------
 
 
-_ZIP_FLAGS = 0x0808  # data descriptor follows the data; UTF-8 names (what torch's writer sets)
 _ZIP64_LIMIT = 0xFFFFFFFF  # sizes/offsets from here on go in zip64 fields (a module global: tests lower it)
-_MARK32 = 0xFFFFFFFF  # "see the zip64 field" in a 32-bit field
-_ALIGN_DATA = 64  # torch aligns every record's data to 64 bytes (an "FB" padding extra field)
 
 
 @dataclass
@@ -468,82 +466,36 @@ class _Record:
 
     @property
     def nbytes(self) -> int:
-        return sum(_seg_nbytes(s) for s in self.segments)
+        return sum(s.dst_nbytes for s in self.segments)
 
 
-def _local_header(name: bytes, offset: int, zip64: bool) -> bytes:
-    extra = struct.pack("<HHQQ", 1, 16, 0, 0) if zip64 else b""
-    base = offset + 30 + len(name) + len(extra)
-    pad = (-base) % _ALIGN_DATA
-    if pad < 4:
-        pad += _ALIGN_DATA
-    extra += b"FB" + struct.pack("<H", pad - 4) + b"Z" * (pad - 4)
-    head = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 0, _ZIP_FLAGS, 0, 0, 0, 0, 0, 0,
-                       len(name), len(extra))
-    return head + name + extra
-
-
-def _descriptor(crc: int, nbytes: int, zip64: bool) -> bytes:
-    if zip64:
-        return struct.pack("<IIQQ", 0x08074B50, crc, nbytes, nbytes)
-    return struct.pack("<IIII", 0x08074B50, crc, nbytes, nbytes)
+# The zip pieces are torch_zip's (shared with the DCP writer); these pass this module's zip64
+# threshold on.
+_local_header = zip_local_header
+_descriptor = zip_descriptor
 
 
 def _central(name: bytes, crc: int, nbytes: int, offset: int) -> bytes:
-    extra = b""
-    size32, off32 = nbytes, offset
-    values = []
-    if nbytes >= _ZIP64_LIMIT:
-        values += [nbytes, nbytes]
-        size32 = _MARK32
-    if offset >= _ZIP64_LIMIT:
-        values.append(offset)
-        off32 = _MARK32
-    if values:
-        extra = struct.pack("<HH", 1, 8 * len(values)) + struct.pack(f"<{len(values)}Q", *values)
-    need = 45 if values else 0
-    return struct.pack(
-        "<IHHHHHHIIIHHHHHII", 0x02014B50, need, need, _ZIP_FLAGS, 0, 0, 0, crc, size32, size32,
-        len(name), len(extra), 0, 0, 0, 0, off32,
-    ) + name + extra
+    return zip_central(name, crc, nbytes, offset, _ZIP64_LIMIT)
 
 
 def _end_records(count: int, cd_offset: int, cd_size: int) -> bytes:
-    zip64_eocd = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, cd_size, cd_offset)
-    locator = struct.pack("<IIQI", 0x07064B50, 0, cd_offset + cd_size, 1)
-    eocd = struct.pack(
-        "<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
-        cd_size if cd_size < _ZIP64_LIMIT else _MARK32, cd_offset if cd_offset < _ZIP64_LIMIT else _MARK32, 0,
-    )
-    return zip64_eocd + locator + eocd
-
-
-def _zip_size(archive: str, records: list[_Record]) -> int:
-    """The archive's size in bytes, known before anything is written (no CRC changes a length)."""
-    offsets, pos = [], 0
-    for rec in records:
-        name = f"{archive}/{rec.name}".encode()
-        offsets.append(pos)
-        n = rec.nbytes
-        zip64 = n >= _ZIP64_LIMIT
-        pos += len(_local_header(name, pos, zip64)) + n + len(_descriptor(0, n, zip64))
-    cd = sum(len(_central(f"{archive}/{r.name}".encode(), 0, r.nbytes, o)) for r, o in zip(records, offsets))
-    return pos + cd + len(_end_records(len(records), pos, cd))
+    return zip_end_records(count, cd_offset, cd_size, _ZIP64_LIMIT)
 
 
 def _torch_records(payload: bytes, storages: list[_Storage]) -> list[_Record]:
     """The records of a torch.save archive, in torch's order."""
     records = [
-        _Record("data.pkl", (_Bytes(payload),)),
-        _Record(".format_version", (_Bytes(b"1"),)),
-        _Record(".storage_alignment", (_Bytes(b"64"),)),
-        _Record("byteorder", (_Bytes(b"little"),)),
+        _Record("data.pkl", (LiteralSegment(payload),)),
+        _Record(".format_version", (LiteralSegment(b"1"),)),
+        _Record(".storage_alignment", (LiteralSegment(b"64"),)),
+        _Record("byteorder", (LiteralSegment(b"little"),)),
     ]
     records += [_Record(f"data/{i}", s.segments) for i, s in enumerate(storages)]
     # torch draws a random id per file; a content-derived one keeps the output reproducible
     ident = str(int.from_bytes(zlib.crc32(payload).to_bytes(4, "little") * 5, "little"))[:40].rjust(40, "0")
-    records.append(_Record("version", (_Bytes(b"3\n"),)))
-    records.append(_Record(".data/serialization_id", (_Bytes(ident.encode()),)))
+    records.append(_Record("version", (LiteralSegment(b"3\n"),)))
+    records.append(_Record(".data/serialization_id", (LiteralSegment(ident.encode()),)))
     return records
 
 
@@ -555,124 +507,71 @@ class _Job:
     obj: Any
 
 
-class _Engine:
-    """Writes :class:`_Job` files: pickle, then the records streamed from the source."""
-
-    def __init__(self, src: Location, dst: Location, chunk: int, tracker: ProgressTracker | None,
-                 checks: SourceChecks | None, fsync: bool | None) -> None:
-        self.src, self.dst, self.chunk = src, dst, chunk
-        self.tracker, self.checks, self.fsync = tracker, checks, fsync
-        self._local = threading.local()
-
-    def _buffer(self, nbytes: int) -> bytearray:
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < nbytes:
-            buf = self._local.buf = bytearray(max(nbytes, self.chunk))
-        return buf
-
-    def _stream(self, seg: _Segment, emit: Callable[[Any], None]) -> None:
-        if isinstance(seg, _Bytes):
-            emit(seg.data)
-        elif isinstance(seg, _Zeros):
-            left = seg.nbytes
-            zeros = bytes(min(left, self.chunk))
-            while left:
-                n = min(left, len(zeros))
-                emit(memoryview(zeros)[:n])
-                left -= n
-        elif isinstance(seg, _Copy):
-            done = 0
-            while done < seg.nbytes:
-                n = min(self.chunk, seg.nbytes - done)
-                view = memoryview(self._buffer(n))[:n]
-                self.src.read_into(seg.path, seg.start + done, view)
-                if self.checks is not None and seg.check is not None:
-                    file, tensor, offset = seg.check
-                    self.checks.add(file, tensor, offset + done, n, crc32c(view))
-                emit(view)
-                if self.tracker is not None:
-                    self.tracker.add(n)
-                done += n
-        else:  # _Cast
-            size = dtype_size(seg.src_dtype)
-            per = max(1, self.chunk // max(size, dtype_size(seg.dst_dtype)))
-            done = 0
-            while done < seg.numel:
-                n = min(per, seg.numel - done)
-                buf = self._buffer(n * size)
-                self.src.read_into(seg.path, seg.start + done * size, memoryview(buf)[: n * size])
-                values = torch.frombuffer(buf, dtype=_TORCH_DTYPES[seg.src_dtype], count=n)
-                if seg.via is not None:
-                    values = values.to(_TORCH_DTYPES[seg.via])
-                out = values.to(_TORCH_DTYPES[seg.dst_dtype]).contiguous()
-                emit(memoryview(out.view(torch.uint8).numpy()))
-                if self.tracker is not None:
-                    self.tracker.add(n * size)
-                done += n
-
-    def write(self, job: _Job) -> int:
-        """Write one file and commit it; returns its size."""
-        if isinstance(job.obj, _RawCopy):
-            with self.dst.writer(job.rel, job.obj.nbytes) as writer:
-                self._stream(_Copy(job.obj.path, 0, job.obj.nbytes), writer.write)
-                writer.commit(fsync=self.fsync)
-            return job.obj.nbytes
-        payload, storages = _pickle(job.obj)
-        archive = posixpath.basename(job.rel).rsplit(".", 1)[0] or "archive"
-        records = _torch_records(payload, storages)
-        total = _zip_size(archive, records)
-        central: list[bytes] = []
-        writer = self.dst.writer(job.rel, total)
-        try:
-            offset = 0
-            for rec in records:
-                name = f"{archive}/{rec.name}".encode()
-                n = rec.nbytes
-                zip64 = n >= _ZIP64_LIMIT
-                head = _local_header(name, offset, zip64)
-                writer.write(head)
-                crc = 0
-                written = 0
-
-                def emit(data: Any) -> None:
-                    nonlocal crc, written
-                    if len(data):
-                        crc = zlib.crc32(data, crc)
-                        writer.write(data)
-                        written += len(data)
-
-                for seg in rec.segments:
-                    self._stream(seg, emit)
-                if written != n:
-                    raise AssertionError(f"{job.rel}: record {rec.name} planned {n} bytes, wrote {written}")
-                writer.write(_descriptor(crc, n, zip64))
-                central.append(_central(name, crc, n, offset))
-                offset += len(head) + n + len(_descriptor(crc, n, zip64))
-            cd = b"".join(central)
-            writer.write(cd)
-            writer.write(_end_records(len(records), offset, len(cd)))
-            if writer.bytes_written != total:
-                raise AssertionError(f"{job.rel}: planned {total} bytes, wrote {writer.bytes_written}")
-            writer.commit(fsync=self.fsync)
-        except BaseException:
-            writer.abort()
-            raise
-        return total
+def _placed(seg: _Segment, pos: int) -> Segment:
+    """A record's piece as the engine segment that fills bytes from ``pos`` on."""
+    if isinstance(seg, _Copy):
+        _, tensor, offset = seg.check if seg.check is not None else (seg.path, None, 0)
+        return CopyOp(seg.path, tensor, offset, seg.start, None, 0, pos, seg.nbytes, "uint8", "uint8",
+                      check_source=seg.check is not None)
+    if isinstance(seg, _Cast):
+        op = CopyOp(seg.path, None, 0, seg.start, None, 0, pos, seg.numel, seg.src_dtype, seg.dst_dtype,
+                    check_source=False)
+        return op if seg.via is None else CastViaSegment(op, seg.via)
+    return seg  # ZerosSegment, LiteralSegment
 
 
-def _read_bytes_of(job: _Job) -> int:
-    """Source bytes a job reads (for progress totals)."""
+def _render_descriptor(nbytes: int, zip64: bool, crcs: tuple[int, ...]) -> bytes:
+    return _descriptor(crcs[0], nbytes, zip64)
+
+
+def _render_central(entries: tuple[tuple[bytes, int, int], ...], crcs: tuple[int, ...]) -> bytes:
+    return b"".join(_central(name, crc, n, offset) for (name, n, offset), crc in zip(entries, crcs))
+
+
+def _archive_plan(rel: str, archive: str, records: list[_Record]) -> FilePlan:
+    """The zip archive of ``records`` as engine segments: per record a literal local header, its
+    data, a data descriptor computed from the data's CRC-32; then the central directory (computed
+    from every record's CRC-32) and the literal end records. Sizes never depend on a CRC, so every
+    offset is known here."""
+    ops: list[Segment] = []
+    entries: list[tuple[bytes, int, int]] = []
+    ranges: list[tuple[int, int]] = []
+    pos = 0
+    for rec in records:
+        name = f"{archive}/{rec.name}".encode()
+        n = rec.nbytes
+        zip64 = n >= _ZIP64_LIMIT
+        head = _local_header(name, pos, zip64)
+        ops.append(LiteralSegment(head))
+        entries.append((name, n, pos))
+        data_start = pos = pos + len(head)
+        for seg in rec.segments:
+            ops.append(_placed(seg, pos))
+            pos += seg.dst_nbytes
+        ranges.append((data_start, n))
+        size = len(_descriptor(0, n, zip64))
+        ops.append(Crc32Segment(size, ((data_start, n),), partial(_render_descriptor, n, zip64)))
+        pos += size
+    cd = sum(len(_central(name, 0, n, offset)) for name, n, offset in entries)
+    ops.append(Crc32Segment(cd, tuple(ranges), partial(_render_central, tuple(entries))))
+    end = _end_records(len(records), pos, cd)
+    ops.append(LiteralSegment(end))
+    return FilePlan(rel, b"", None, tuple(ops), pos + cd + len(end))
+
+
+def _file_plan(job: _Job) -> FilePlan:
+    """The plan of one output file: a byte-for-byte copy, or a torch.save archive of the job's object."""
     if isinstance(job.obj, _RawCopy):
-        return job.obj.nbytes
-    _, storages = _pickle(job.obj)
-    total = 0
-    for s in storages:
-        for seg in s.segments:
-            if isinstance(seg, _Copy):
-                total += seg.nbytes
-            elif isinstance(seg, _Cast):
-                total += seg.numel * dtype_size(seg.src_dtype)
-    return total
+        return FilePlan(job.rel, b"", None, (_placed(_Copy(job.obj.path, 0, job.obj.nbytes), 0),), job.obj.nbytes)
+    payload, storages = _pickle(job.obj)
+    archive = posixpath.basename(job.rel).rsplit(".", 1)[0] or "archive"
+    return _archive_plan(job.rel, archive, _torch_records(payload, storages))
+
+
+def _read_bytes(plan: FilePlan) -> int:
+    """Source bytes a plan reads (for progress totals)."""
+    ops = (seg.op if isinstance(seg, CastViaSegment) else seg for seg in plan.ops)
+    return sum(op.src_nbytes for op in ops if isinstance(op, CopyOp))
 
 
 # ----- the source --------------------------------------------------------------------------------
@@ -1048,7 +947,7 @@ class _Writer:
         segs = _pieces(self.src, group, key, lo, hi)
         n = hi - lo
         if padded:
-            segs.append(_Zeros((group.pn - n) * dtype_size(dtype)))
+            segs.append(ZerosSegment((group.pn - n) * dtype_size(dtype)))
             n = group.pn
         return _tensor(dtype, (n,), segs)
 
@@ -1092,7 +991,7 @@ class _Writer:
         segs = _pieces(self.src, group, "master", lo, hi)
         n = hi - lo
         if self.src.bf16_optimizer:  # BF16_Optimizer keeps the padding (zeros) in its fp32 partition
-            segs.append(_Zeros((group.pn - n) * dtype_size(self.src.manifest.master_dtype)))
+            segs.append(ZerosSegment((group.pn - n) * dtype_size(self.src.manifest.master_dtype)))
             n = group.pn
         return _tensor(self.src.manifest.master_dtype, (n,), segs, requires_grad=True)
 
@@ -1241,33 +1140,13 @@ class _Writer:
 
 def _run(src: _Source, d: Location, jobs: list[_Job], commit: tuple[str, bytes], progress: ProgressFn | None,
          workers: int | None, chunk_bytes: int | None, fsync: bool | None) -> tuple[tuple[str, ...], int]:
-    """Write every job (in parallel), check the sources' checksums, then the commit file."""
-    chunk = chunk_bytes or knobs.chunk_bytes()
-    tracker = ProgressTracker(progress, sum(_read_bytes_of(j) for j in jobs)) if progress is not None else None
+    """Write every job through the engine, check the sources' checksums, then the commit file."""
+    plans = [_file_plan(j) for j in jobs]
+    tracker = ProgressTracker(progress, sum(_read_bytes(p) for p in plans)) if progress is not None else None
     checks = SourceChecks() if src.fmt == "zero-ckpt" else None
-    engine = _Engine(src.loc, d, chunk, tracker, checks, fsync)
-    nworkers = max(1, min(workers or knobs.io_workers(), len(jobs) or 1,
-                          knobs.buffer_budget_bytes() // max(1, 2 * chunk)))
-    written: list[str] = []
-    lock = threading.Lock()
-    total = 0
-
-    def one(job: _Job) -> int:
-        n = engine.write(job)
-        with lock:
-            written.append(job.rel)
-        return n
-
+    written = run_file_plans(src.loc, d, plans, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
+                             checks=checks, fsync=fsync)
     try:
-        with ThreadPoolExecutor(max_workers=nworkers) as pool:
-            futures = [pool.submit(one, j) for j in jobs]
-            try:
-                for f in futures:
-                    total += f.result()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
         if checks is not None:
             files: list[FileMeta] = list(src.manifest.shards)
             by_path = {src.manifest.shard(r).path: h for r, h in src.headers.items()}
@@ -1285,7 +1164,7 @@ def _run(src: _Source, d: Location, jobs: list[_Job], commit: tuple[str, bytes],
             except CheckpointError:
                 pass
         raise
-    return tuple(sorted(written)) + (commit[0],), total + len(commit[1])
+    return tuple(sorted(written)) + (commit[0],), sum(w.bytes for w in written.values()) + len(commit[1])
 
 
 # ----- public ------------------------------------------------------------------------------------------
