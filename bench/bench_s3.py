@@ -36,16 +36,16 @@ ours and its floor alternating):
 6. Load at the same size (8 -> 8) and resharded (8 -> 16, 8 -> 3). Ranks are simulated without
    a process group: for each rank r of M, one after the other, what ``zero_ckpt.load`` does
    on that rank before it touches the optimizer: read the manifest, then
-   ``zero_ckpt.api._read_partition`` with a stand-in optimizer exposing ``rank``,
+   ``zero_ckpt.loading._read_partition`` with a stand-in optimizer exposing ``rank``,
    ``world_size`` and ``layouts`` (the GroupLayouts at M), then, once for all ranks, the
-   pooled checksum check ``zero_ckpt.api._verify``. Floor per rank: s3fs ``cat_ranges`` of
+   pooled checksum check ``zero_ckpt.loading._verify``. Floor per rank: s3fs ``cat_ranges`` of
    exactly that rank's byte ranges (the same plan, ``plan_partition_read``). Bytes fetched
    per rank are counted on the wire in a separate, untimed pass through the request-logging
    proxy of ``tests/faultproxy.py`` (no faults): the sum of the Range lengths of the GETs
    (a GET without a Range counts the whole object), shown against checkpoint size / M.
 7. Async save: a 2-rank gloo job (one process per rank, like bench_optimizer) with a
    ZeroOptimizer (stage 2, Adam) on a ~6.8M-param model (~81 MB of master + Adam state):
-   how long ``zero_ckpt.save(..., async_=True)`` blocks the training loop (until it
+   how long ``zero_ckpt.async_save(...)`` blocks the training loop (until it
    returns) against a blocking ``zero_ckpt.save`` to the same server; then training steps
    run while the upload is in flight, and ``wait()``. Also each rank's plain
    ``s3fs.pipe_file`` of the same partition bytes (the floor for a save).
@@ -142,7 +142,7 @@ def child_main(job: str, spec: dict) -> dict:
         import s3fs  # noqa: F401
         import zero_ckpt  # noqa: F401
         import cli.main  # noqa: F401
-        import zero_ckpt.api  # noqa: F401
+        import zero_ckpt.saving, zero_ckpt.loading  # noqa: F401,E401
 
         t0 = time.perf_counter()
     elif job == "make":
@@ -155,7 +155,7 @@ def child_main(job: str, spec: dict) -> dict:
         # Imports outside the timed call (the floors import s3fs before theirs too).
         import torch  # noqa: F401
         import s3fs  # noqa: F401
-        import zero_ckpt.api  # noqa: F401
+        import zero_ckpt.saving, zero_ckpt.loading  # noqa: F401,E401
         import zero_ckpt.consolidation  # noqa: F401
         import zero_ckpt.resharding  # noqa: F401
         import zero_ckpt.verification  # noqa: F401
@@ -229,14 +229,14 @@ def child_main(job: str, spec: dict) -> dict:
 
 
 def _stand_in(manifest, rank: int, world_size: int):
-    """What zero_ckpt.api._read_partition uses of a live optimizer."""
+    """What zero_ckpt.loading._read_partition uses of a live optimizer."""
     from types import SimpleNamespace
 
     return SimpleNamespace(rank=rank, world_size=world_size, layouts=manifest.layouts(world_size))
 
 
 def load_job(job: str, spec: dict) -> dict:
-    from zero_ckpt import api
+    from zero_ckpt import loading
     from zero_ckpt.storage import open_location
     from zero_ckpt.transfer import SourceChecks, load_manifest
 
@@ -295,7 +295,7 @@ def load_job(job: str, spec: dict) -> dict:
             with open_location(url, options) as loc:
                 manifest = load_manifest(loc)
                 checks = SourceChecks()
-                tensors, nbytes, headers, crcs = api._read_partition(loc, manifest, _stand_in(manifest, rank, M), checks)
+                tensors, nbytes, headers, crcs = loading._read_partition(loc, manifest, _stand_in(manifest, rank, M), checks)
             dt = time.perf_counter() - t0
             del tensors
             pooled.append(([(k, pc.pieces) for k, pc in checks.pieces.items()], headers, crcs))
@@ -305,7 +305,7 @@ def load_job(job: str, spec: dict) -> dict:
             per_rank.append(rec)
         t0 = time.perf_counter()
         with open_location(url, options) as loc:
-            api._verify(loc, manifest, pooled)
+            loading._verify(loc, manifest, pooled)
         t_verify = time.perf_counter() - t0
     finally:
         if proxy is not None:
@@ -406,8 +406,8 @@ def async_rank(spec: dict) -> dict:
     res: dict = {"rank": rank}
     # Warm-up (untimed): connections, and the first async save creates its gloo group.
     zero_ckpt.save(f"{base}/warm-blocking", optimizer=opt, model=model, storage_options=so)
-    h, res["first_async_return"] = timed(lambda: zero_ckpt.save(
-        f"{base}/warm-async", optimizer=opt, model=model, storage_options=so, async_=True))
+    h, res["first_async_return"] = timed(lambda: zero_ckpt.async_save(
+        f"{base}/warm-async", optimizer=opt, model=model, storage_options=so))
     h.wait()
     idle = []
     for _ in range(spec["steps"]):
@@ -422,8 +422,8 @@ def async_rank(spec: dict) -> dict:
         res["blocking"].append(dt)
         dist.barrier()
         t_start = time.perf_counter()
-        h, dt = timed(lambda: zero_ckpt.save(
-            f"{base}/async-{i}", optimizer=opt, model=model, storage_options=so, async_=True))
+        h, dt = timed(lambda: zero_ckpt.async_save(
+            f"{base}/async-{i}", optimizer=opt, model=model, storage_options=so))
         res["async_return"].append(dt)
         during = []
         for _ in range(spec["steps"]):
@@ -840,7 +840,7 @@ class Bench:
         print("| what | s |")
         print("|---|---:|")
         print(f"| blocking zero_ckpt.save (training blocked the whole time) | {per_repeat('blocking'):.3f} |")
-        print(f"| async save: blocked until save(..., async_=True) returns | {per_repeat('async_return'):.3f} |")
+        print(f"| async save: blocked until async_save(...) returns | {per_repeat('async_return'):.3f} |")
         print(f"| async save: first one (creates its gloo group), until it returns | "
               f"{max(r['first_async_return'] for r in res):.3f} |")
         print(f"| async save: wait() after {self.args.steps} training steps | {per_repeat('async_wait'):.3f} |")

@@ -237,7 +237,7 @@ def launch(job: str, ws: int, out: str) -> dict[str, Any]:
     ctx = mp.get_context("forkserver")
     # torch._dynamo: the first torch optimizer built imports it (seconds of CPU per process).
     ctx.set_forkserver_preload(
-        ["torch", "torch._dynamo", "torch.distributed", "torch.optim", "zero_core.optimizer", "zero_ckpt.api"]
+        ["torch", "torch._dynamo", "torch.distributed", "torch.optim", "zero_core.optimizer", "zero_ckpt.saving", "zero_ckpt.loading"]
     )
     results = ctx.Queue()
     procs = [

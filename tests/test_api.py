@@ -560,12 +560,12 @@ def errors(rank: int, ws: int, root: str) -> None:
         if rank == 2:
             raise Boom("rank 2 only")
 
-    from zero_ckpt.api import _agree
+    from zero_ckpt.agreement import agree
 
     if rank == 2:
-        _expect_everywhere(Boom, lambda: _agree("testing", explode, None))
+        _expect_everywhere(Boom, lambda: agree("testing", explode, None))
     else:
-        _expect_everywhere(CheckpointError, lambda: _agree("testing", explode, None), "rank 2")
+        _expect_everywhere(CheckpointError, lambda: agree("testing", explode, None), "rank 2")
 
 
 # ----- the runs -------------------------------------------------------------------------------
@@ -645,3 +645,68 @@ def test_checkpoint_without_state_resets_state(runs) -> None:
 
 def test_errors_raise_on_every_rank(runs) -> None:
     check(runs[3], "errors", 3)
+
+
+# ----- the one cross-rank agreement (single process; the exchange stands in for the group) -----
+
+
+def _as_rank(rank: int, ws: int, others: dict[int, Any]):
+    """An exchange for rank ``rank`` of ``ws`` whose peers sent ``others[r]`` (None: success)."""
+
+    def exchange(mine: Any) -> list[Any]:
+        return [mine if r == rank else others.get(r) for r in range(ws)]
+
+    return exchange
+
+
+def test_agreement_reraises_the_failing_ranks_class_path_and_rank_elsewhere() -> None:
+    from zero_ckpt.agreement import agree, failure_of
+
+    exc = CorruptShardError("shard 1 is bad", path="/x/shards/rank-1", rank=1)
+    with pytest.raises(CorruptShardError) as info:
+        agree("reading", lambda: 7, exchange=_as_rank(0, 3, {1: failure_of(exc), 2: None}))
+    assert str(info.value) == "reading failed on rank 1: shard 1 is bad"
+    assert (info.value.path, info.value.rank) == ("/x/shards/rank-1", 1)
+    # A class from outside zero_ckpt becomes a CheckpointError naming it; the lowest rank wins.
+    boom = failure_of(KeyError("k"))
+    with pytest.raises(CheckpointError, match=r"^reading failed on rank 1: KeyError: 'k'$") as info:
+        agree("reading", lambda: 7, exchange=_as_rank(0, 3, {1: boom, 2: failure_of(exc)}))
+    assert type(info.value) is CheckpointError
+    # The failing rank raises its own exception; without failures the result comes back.
+    with pytest.raises(KeyError):
+        agree("reading", lambda: {}["k"], exchange=_as_rank(0, 2, {}))
+    assert agree("reading", lambda: 7, exchange=_as_rank(0, 2, {})) == 7
+    assert agree("reading", lambda: 7) == 7  # no process group: a group of one
+
+
+def test_agreement_own_error_wins_over_a_lost_exchange_and_describe_words_it() -> None:
+    from zero_ckpt.agreement import agree, agree_all, failure_of
+
+    def lost(obj: Any) -> list[Any]:
+        raise RuntimeError("peer gone")
+
+    with pytest.raises(KeyError):
+        agree("x", lambda: {}["k"], exchange=lost)
+    with pytest.raises(RuntimeError, match="peer gone"):
+        agree("x", lambda: 1, exchange=lost)
+
+    def both(mine: Any) -> list[Any]:
+        return [mine, ("theirs", None)]
+
+    assert agree_all("x", lambda: "mine", exchange=both) == ["mine", "theirs"]
+    other = (None, failure_of(LayoutMismatchError("no")))
+    with pytest.raises(LayoutMismatchError, match="^part 1 said: no$"):
+        agree_all("x", lambda: "mine", exchange=lambda m: [m, other],
+                  describe=lambda k, f: f"part {k} said: {f.message}")
+
+
+def test_save_and_async_save_have_one_return_type_each() -> None:
+    import inspect
+
+    from zero_ckpt import agreement, parts
+
+    assert "async_" not in inspect.signature(zero_ckpt.save).parameters
+    assert inspect.signature(zero_ckpt.save).return_annotation in ("Manifest", zero_ckpt.Manifest)
+    assert inspect.signature(zero_ckpt.async_save).return_annotation in ("AsyncSave", zero_ckpt.AsyncSave)
+    # The split jobs use the one agreement, not a copy of it.
+    assert parts.agree is agreement.agree and parts.agree_all is agreement.agree_all

@@ -1,10 +1,10 @@
-"""``zero_ckpt.save(..., async_=True)``, the ``latest`` pointer and retention from ``save``, and
+"""``zero_ckpt.async_save``, the ``latest`` pointer and retention from ``save``, and
 ``load`` of a run directory, with a live ZeroOptimizer.
 
 World size 2 runs every scenario in ONE spawn over gloo (``_dist.run_scenarios``); world size
 1 runs the same scenarios in this process without a process group. No test relies on timing
 for passing: the background writer is held at a gate (a wrapper around the ``write_shard``
-that ``zero_ckpt.api`` calls) that the test opens when it chooses, so "the save returned
+that ``zero_ckpt.snapshot`` calls) that the test opens when it chooses, so "the save returned
 before its files were written" and "training went on while it was writing" are facts, not
 races. Where a test checks that something *waits* (the next save, ``load``), a timer opens the
 gate 0.3 s later: correct code always passes; code that does not wait fails unless the
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from _dist import check, run_scenarios
 from test_api import CONFIGS, assert_same_snapshot, barrier, make, snapshot, train
 import zero_ckpt
-from zero_ckpt import api
+from zero_ckpt import async_saving, snapshot as snapshot_module
 from zero_ckpt.errors import CheckpointError, DestinationExistsError
 from zero_ckpt.runs import RunDirectoryError, list_checkpoints, read_latest
 
@@ -38,9 +38,10 @@ GATE_TIMEOUT_S = 25  # below the process-group timeout: a gate never opened fail
 
 
 class Gate:
-    """Replace the ``write_shard`` that ``zero_ckpt.api`` calls with one that records the
-    tensors it is given and, while closed, holds the background writer before it writes.
-    (``api`` binds ``write_shard`` by name at import, so that is the name to patch.)"""
+    """Replace the ``write_shard`` that ``zero_ckpt.snapshot`` calls (for blocking and
+    background saves alike) with one that records the tensors it is given and, while closed,
+    holds the background writer before it writes. (``snapshot`` binds ``write_shard`` by name
+    at import, so that is the name to patch.)"""
 
     def __init__(self, closed: bool = True, fail: BaseException | None = None) -> None:
         self.open_ = threading.Event()
@@ -50,13 +51,13 @@ class Gate:
         self.calls: list[dict[str, tuple[int, int]]] = []  # name -> (id, data_ptr) per call
 
     def __enter__(self) -> "Gate":
-        self.real = api.write_shard
-        api.write_shard = self._write
+        self.real = snapshot_module.write_shard
+        snapshot_module.write_shard = self._write
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.open_.set()
-        api.write_shard = self.real
+        snapshot_module.write_shard = self.real
 
     def open(self, after: float | None = None) -> None:
         if after is None:
@@ -135,7 +136,7 @@ def async_matches_blocking(rank: int, ws: int, root: str) -> None:
     zero_ckpt.save(f"{d}/blocking", optimizer=opt, model=model, extra=extra)
 
     with Gate() as gate:
-        handle = zero_ckpt.save(f"{d}/async", optimizer=opt, model=model, extra=extra, async_=True)
+        handle = zero_ckpt.async_save(f"{d}/async", optimizer=opt, model=model, extra=extra)
         assert isinstance(handle, zero_ckpt.AsyncSave)
         # The writer is held at the gate: the save returned before writing its shard.
         assert not handle.done() and not handle.failed()
@@ -157,7 +158,7 @@ def async_matches_blocking(rank: int, ws: int, root: str) -> None:
     assert_same_snapshot(loaded_snapshot(f"{d}/async"), at_save)
 
     # What the writer was given: the staging buffers, not the live partitions.
-    staging = api._STAGING[opt]
+    staging = async_saving._STAGING[opt]
     staged = {k.split("/", 1)[1]: (id(t), t.data_ptr()) for k, t in staging.items() if k.startswith("opt/")}
     assert gate.calls == [staged]
     live_master = opt.master_partition(0)
@@ -171,18 +172,18 @@ def async_matches_blocking(rank: int, ws: int, root: str) -> None:
     # overwrites the other's state.
     at_second = after
     with Gate() as gate:
-        h2 = zero_ckpt.save(f"{d}/second", optimizer=opt, model=model, async_=True)
+        h2 = zero_ckpt.async_save(f"{d}/second", optimizer=opt, model=model)
         train(model, opt, rank, ws, range(4, 5))
         at_third = snapshot(opt, model)
         assert masters_differ(at_third, at_second)
         gate.open(after=0.3)
-        h3 = zero_ckpt.save(f"{d}/third", optimizer=opt, model=model, async_=True)
+        h3 = zero_ckpt.async_save(f"{d}/third", optimizer=opt, model=model)
         assert h2.done() and not h2.failed()  # the third save waited for the second
         train(model, opt, rank, ws, range(5, 6))
         h3.wait(timeout=60)
         h2.wait()
     assert len(gate.calls) == 2 and gate.calls[0] == gate.calls[1] == staged
-    assert api._STAGING[opt] is staging
+    assert async_saving._STAGING[opt] is staging
     assert staging.keys() == first_buffers.keys()
     assert all(staging[k] is first_buffers[k] for k in staging)
     barrier()
@@ -210,18 +211,18 @@ def async_failures(rank: int, ws: int, root: str) -> None:
     barrier()
 
     # 1. Destination refused (not empty, no overwrite): wait() raises everywhere.
-    h = zero_ckpt.save(f"{d}/taken", optimizer=opt, model=model, async_=True)
+    h = zero_ckpt.async_save(f"{d}/taken", optimizer=opt, model=model)
     expect_raise(DestinationExistsError, lambda: h.wait(timeout=60), "taken")
     assert h.done() and h.failed()
     barrier()
     assert sorted(os.listdir(f"{d}/taken")) == ["keep.txt", "manifest.json"]
     # The error was reported by wait(): training and the next save go on.
     train(model, opt, rank, ws, range(next(step), next(step)))
-    zero_ckpt.save(f"{d}/retry", optimizer=opt, model=model, async_=True).wait(timeout=60)
+    zero_ckpt.async_save(f"{d}/retry", optimizer=opt, model=model).wait(timeout=60)
 
     # 2. Refused again, not waited for: the next step raises on every rank, before any
     #    collective, then training can go on (the error was reported).
-    h = zero_ckpt.save(f"{d}/taken", optimizer=opt, model=model, async_=True)
+    h = zero_ckpt.async_save(f"{d}/taken", optimizer=opt, model=model)
     h._thread.join(60)
     assert h.failed()
     before = snapshot(opt, model)
@@ -236,20 +237,20 @@ def async_failures(rank: int, ws: int, root: str) -> None:
     # 3. A write failure (OSError) on the last rank only: wait() raises on every rank.
     bad = ws - 1
     with Gate(closed=False, fail=OSError("disk on fire") if rank == bad else None):
-        h = zero_ckpt.save(f"{d}/broken", optimizer=opt, model=model, async_=True)
+        h = zero_ckpt.async_save(f"{d}/broken", optimizer=opt, model=model)
         if rank == bad:
             expect_raise(OSError, lambda: h.wait(timeout=60), "disk on fire")
         else:
             expect_raise(CheckpointError, lambda: h.wait(timeout=60), f"rank {bad}", "OSError", "disk on fire")
         # 4. The same, unseen: the next save raises it on every rank and writes nothing.
-        h = zero_ckpt.save(f"{d}/broken2", optimizer=opt, model=model, async_=True)
+        h = zero_ckpt.async_save(f"{d}/broken2", optimizer=opt, model=model)
         h._thread.join(60)
         assert h.failed()
         expect_raise(CheckpointError, lambda: zero_ckpt.save(f"{d}/after", optimizer=opt, model=model),
                      "background save", "broken2", "disk on fire")
         assert not Path(f"{d}/after").exists()
         # 5. The same, unseen: the next step raises on every rank.
-        h = zero_ckpt.save(f"{d}/broken3", optimizer=opt, model=model, async_=True)
+        h = zero_ckpt.async_save(f"{d}/broken3", optimizer=opt, model=model)
         h._thread.join(60)
         assert h.failed()
         expect_raise(CheckpointError, lambda: train(model, opt, rank, ws, range(next(step), next(step))),
@@ -260,7 +261,7 @@ def async_failures(rank: int, ws: int, root: str) -> None:
     # Everything reported: training and saving go on, and the save is sound.
     train(model, opt, rank, ws, range(next(step), next(step)))
     want = snapshot(opt, model)
-    zero_ckpt.save(f"{d}/after", optimizer=opt, model=model, async_=True).wait(timeout=60)
+    zero_ckpt.async_save(f"{d}/after", optimizer=opt, model=model).wait(timeout=60)
     barrier()
     assert_same_snapshot(loaded_snapshot(f"{d}/after"), want)
     barrier()
@@ -277,8 +278,8 @@ def latest_and_retention(rank: int, ws: int, root: str) -> None:
     for i in range(1, 5):
         train(model, opt, rank, ws, range(i - 1, i))
         wants[i] = snapshot(opt, model)
-        out = zero_ckpt.save(f"{run}/step-{i}", optimizer=opt, model=model, latest=True,
-                             keep_last=2, async_=i % 2 == 0)
+        save = zero_ckpt.async_save if i % 2 == 0 else zero_ckpt.save
+        out = save(f"{run}/step-{i}", optimizer=opt, model=model, latest=True, keep_last=2)
         if i % 2:
             assert read_latest(run) == f"step-{i}"  # blocking: published on return
         else:
@@ -314,7 +315,7 @@ def load_waits(rank: int, ws: int, root: str) -> None:
     train(model, opt, rank, ws, range(2))
     want = snapshot(opt, model)
     with Gate() as gate:
-        h = zero_ckpt.save(f"{d}/pending", optimizer=opt, model=model, async_=True)
+        h = zero_ckpt.async_save(f"{d}/pending", optimizer=opt, model=model)
         train(model, opt, rank, ws, range(2, 3))
         assert masters_differ(snapshot(opt, model), want)
         gate.open(after=0.3)
@@ -326,7 +327,7 @@ def load_waits(rank: int, ws: int, root: str) -> None:
         os.makedirs(f"{d}/taken")
         Path(f"{d}/taken/manifest.json").write_text("{}")
     barrier()
-    h = zero_ckpt.save(f"{d}/taken", optimizer=opt, model=model, async_=True)
+    h = zero_ckpt.async_save(f"{d}/taken", optimizer=opt, model=model)
     h._thread.join(60)
     expect_raise(CheckpointError, lambda: zero_ckpt.load(f"{d}/pending", optimizer=opt, model=model),
                  "background save", "taken")

@@ -2,7 +2,7 @@
 
 Offline jobs (no process group, no GPU): :func:`reshard`, :func:`consolidate`,
 :func:`verify`, :func:`open_checkpoint`, :func:`write_checkpoint`; from training code:
-:func:`save` and :func:`load` (collectives). Names are imported on first access, so importing
+:func:`save`, :func:`async_save` and :func:`load` (collectives). Names are imported on first access, so importing
 a pure module such as ``zero_ckpt.manifest`` or ``zero_ckpt.plan`` loads neither torch nor
 fsspec. (Modules are named by nouns, ``resharding``, ``consolidation``, ..., so that importing
 one never replaces the package's function of the same verb.)
@@ -35,10 +35,11 @@ _EXPORTS = {
     "CheckpointReader": "zero_ckpt.reader",
     "ParamInfo": "zero_ckpt.reader",
     "write_checkpoint": "zero_ckpt.writer",
-    "save": "zero_ckpt.api",
-    "load": "zero_ckpt.api",
-    "LoadResult": "zero_ckpt.api",
-    "AsyncSave": "zero_ckpt.api",
+    "save": "zero_ckpt.saving",
+    "async_save": "zero_ckpt.async_saving",
+    "AsyncSave": "zero_ckpt.async_saving",
+    "load": "zero_ckpt.loading",
+    "LoadResult": "zero_ckpt.loading",
     "Manifest": "zero_ckpt.manifest",
     "GroupMeta": "zero_ckpt.manifest",
     "ParamMeta": "zero_ckpt.manifest",

@@ -25,9 +25,9 @@ Who commits:
   torchrun's variables are set): ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` must
   all be set (SplitJobError before anything is written otherwise); the ranks join a gloo
   process group, waiting :func:`join_timeout_s` (300 s) for missing peers; records are still
-  written (for resume), gathered to rank 0, rank 0 commits and broadcasts the outcome, so
-  every rank returns (or raises) only after the commit. This is the only use of
-  ``torch.distributed`` in the offline jobs, imported lazily.
+  written (for resume) and exchanged, rank 0 commits, and the ranks agree on the outcome
+  (:mod:`zero_ckpt.agreement`), so every rank returns (or raises) only after the commit.
+  This is the only use of ``torch.distributed`` in the offline jobs, imported lazily.
 
 Job id: a hash of the source manifest, the kind of job and its options (target world size;
 dtype, max shard size, optimizer), the part count and the zero-ckpt version. Records of
@@ -64,8 +64,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from zero_ckpt import errors as _errors
 from zero_ckpt import knobs
+from zero_ckpt.agreement import agree, agree_all
 from zero_ckpt.checksum import crc32c_combine, format_checksum, parse_checksum
 from zero_ckpt.errors import (
     CheckpointError,
@@ -827,11 +827,6 @@ class _Group:
         self.dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def broadcast(self, obj: Any) -> Any:
-        box = [obj]
-        self.dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
     def close(self) -> None:
         if self.created_default:
             self.dist.destroy_process_group()
@@ -851,66 +846,55 @@ def _store_has(store: Any, key: str) -> bool:
         return False
 
 
-def _error_payload(exc: BaseException) -> tuple[str, str, str]:
-    return ("error", type(exc).__name__, str(exc))
+def _exchange(group: _Group, spec: PartSpec, dst: Location, what: str) -> Callable[[Any], list[Any]]:
+    """The agreement's exchange over the job's group: a lost or timed-out peer becomes a
+    SplitJobError (this rank's own failure, when it had one, is raised instead: the
+    agreement sees to that)."""
+
+    def exchange(obj: Any) -> list[Any]:
+        try:
+            return group.all_gather(obj)
+        except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError/DistError subclasses
+            raise _lost_peers(exc, spec, dst, what) from None
+
+    return exchange
 
 
-def _raise_payload(payload: tuple[str, str, str], prefix: str) -> None:
-    _, name, message = payload
-    cls = getattr(_errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
-        cls = CheckpointError
-    raise cls(f"{prefix}{message}")
-
-
-def _collective(op: Callable[[Any], Any], obj: Any, spec: PartSpec, dst: Location,
-                own_error: BaseException | None, what: str) -> Any:
-    """Run one collective; a lost or timed-out peer becomes a SplitJobError (this rank's own
-    failure, when it had one, is the error that matters and is raised instead)."""
-    try:
-        return op(obj)
-    except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError/DistError subclasses
-        if own_error is not None:
-            raise own_error from None
-        raise SplitJobError(
-            f"part {spec} of the distributed job lost the other ranks while waiting for {what} "
-            f"({_first_line(exc)}); the job was not committed, so {dst.url} is incomplete: run "
-            f"all {spec.parts} ranks again (finished parts resume from their records under "
-            f"{dst.url_of(PARTS_DIR)}; ZERO_CKPT_PART_TIMEOUT_S bounds the wait, now "
-            f"{knobs.part_timeout_s()} s)",
-            path=dst.url,
-        ) from None
+def _lost_peers(exc: BaseException, spec: PartSpec, dst: Location, what: str) -> SplitJobError:
+    return SplitJobError(
+        f"part {spec} of the distributed job lost the other ranks while waiting for {what} "
+        f"({_first_line(exc)}); the job was not committed, so {dst.url} is incomplete: run "
+        f"all {spec.parts} ranks again (finished parts resume from their records under "
+        f"{dst.url_of(PARTS_DIR)}; ZERO_CKPT_PART_TIMEOUT_S bounds the wait, now "
+        f"{knobs.part_timeout_s()} s)",
+        path=dst.url,
+    )
 
 
 def _run_grouped(group: _Group, spec, src, dst, setup, overwrite, workers, chunk_bytes, fsync, progress) -> PartResult:
-    """Collective: every rank runs its part, records are gathered, rank 0 commits and tells
-    everyone the outcome (so no rank returns before the commit)."""
-    own_error: BaseException | None = None
-    try:
-        work, mine, record, resumed = _run_local(spec, src, dst, setup, overwrite, workers, chunk_bytes, fsync, progress)
-        payload: Any = ("ok", record.to_json())
-    except Exception as exc:  # every rank must reach the collectives below
-        own_error = exc
-        payload = _error_payload(exc)
-    gathered = _collective(group.all_gather, payload, spec, dst, own_error, "their parts")
-    outcome: Any = ("ok", "", "")
-    if spec.index == 0:
-        failed = [(k, p) for k, p in enumerate(gathered) if p[0] != "ok"]
-        if failed:
-            k, p = failed[0]
-            outcome = ("error", p[1], f"part {k}/{spec.parts} failed, so the job was not committed: {p[2]}")
-        else:
-            try:
-                records = [
-                    _Record.from_json(p[1], dst.url_of(work.job.record_path(k))) for k, p in enumerate(gathered)
-                ]
-                _commit(src, dst, work, records)
-            except Exception as exc:
-                own_error = own_error or exc
-                outcome = _error_payload(exc)
-    outcome = _collective(group.broadcast, outcome, spec, dst, own_error, "rank 0's commit")
-    if own_error is not None:
-        raise own_error
-    if outcome[0] != "ok":
-        _raise_payload(outcome, "")
+    """Collective: every rank runs its part and the ranks agree on the outcome, exchanging
+    their records; rank 0 commits and the ranks agree again (so no rank returns before the
+    commit). A failure raises on every rank (:func:`zero_ckpt.agreement.agree`): the failed
+    rank's own error there, the same class elsewhere."""
+    local: list[Any] = []
+
+    def run() -> str:
+        local[:] = _run_local(spec, src, dst, setup, overwrite, workers, chunk_bytes, fsync, progress)
+        return local[2].to_json()
+
+    texts = agree_all(
+        "running the parts",
+        run,
+        exchange=_exchange(group, spec, dst, "their parts"),
+        describe=lambda k, f: f"part {k}/{spec.parts} failed, so the job was not committed: {f.message}",
+    )
+    work, mine, _, resumed = local
+
+    def commit() -> None:
+        if spec.index == 0:
+            records = [_Record.from_json(t, dst.url_of(work.job.record_path(k))) for k, t in enumerate(texts)]
+            _commit(src, dst, work, records)
+
+    agree("committing the job", commit, exchange=_exchange(group, spec, dst, "rank 0's commit"),
+          describe=lambda k, f: f.message)
     return _result(spec, dst, work, mine, resumed, committed=True, committed_by=0)

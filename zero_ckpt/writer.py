@@ -1,7 +1,7 @@
 """Writing format v1 from tensors in memory: one shard, the model file, or a whole checkpoint.
 
 ``write_shard`` and ``write_model_file`` are what a training rank calls when it saves (see
-``zero_ckpt.api``); ``write_checkpoint`` builds a complete checkpoint from full per-param
+``zero_ckpt.snapshot``); ``write_checkpoint`` builds a complete checkpoint from full per-param
 tensors, so tests, fixtures and benchmarks need no training run.
 """
 

@@ -21,7 +21,7 @@ Per param group (see ``DESIGN.md``, "The flat layout"):
 
 Collective calls (every rank of the group must make them, in the same order) are marked
 ``Collective`` in their docstrings. The methods under "bridge" are the contract
-``zero_ckpt.api`` is written against.
+``zero_ckpt``'s bridge (``snapshot``, ``saving``, ``loading``) is written against.
 
 Params are given as torch optimizers accept them: an iterable of tensors, of ``(name, tensor)``
 pairs (``model.named_parameters()``), or of param-group dicts whose ``params`` are either. An
@@ -1135,7 +1135,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 )
         fg.param_view(i).copy_(value.to(device=fg.device, dtype=fg.model_dtype))
 
-    # ----- bridge (zero_ckpt.api is written against these) --------------------------------
+    # ----- bridge (zero_ckpt.snapshot/saving/loading are written against these) ------------
 
     @property
     def rank(self) -> int:
