@@ -277,7 +277,7 @@ class _HfFiles:
                     "that model.config.save_pretrained wrote",
                     path=cfg_url,
                 ) from None
-            same = type(loc.fs) is type(out.fs) and loc.canonical_root() == out.canonical_root()
+            same = loc.same_storage_kind(out) and loc.canonical_root() == out.canonical_root()
             names = [] if same else [n for n in HF_FILES if loc.exists(n)]
             return cls(loc, names, config, same)
         except BaseException:

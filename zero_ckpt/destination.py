@@ -157,9 +157,9 @@ def check_reads(
     inside = d.rstrip("/") + "/"
     seen: set[str] = set()
     for loc, rel in files:
-        if loc.is_local and dst.is_local:
+        if loc.local_path() is not None and dst.local_path() is not None:
             where = os.path.realpath(loc.path_of(rel))
-        elif type(loc.fs) is type(dst.fs):
+        elif loc.same_storage_kind(dst):
             where = loc.canonical_root() + ("/" + rel if rel else "")
         else:
             continue
@@ -170,7 +170,7 @@ def check_reads(
             _refuse_read(dst, loc.url_of(rel))
     for url, options in urls:
         with _canonical_file(url, options) as f:
-            if type(f.fs) is not type(dst.fs):
+            if not f.same_storage_kind(dst):
                 continue
             where = f.canonical_root()
             if where == d or where.startswith(inside) or d.startswith(where.rstrip("/") + "/"):
@@ -290,7 +290,7 @@ class _Claim:
             if self.depth > 0:
                 return
             _HELD.pop(self.key, None)
-        if self.dst.is_local:
+        if self.dst.local_path() is not None:
             path = self.dst.path_of(CLAIM_NAME)
             try:
                 if self.ino is not None and os.stat(path).st_ino == self.ino:
@@ -338,10 +338,10 @@ class claim_destination:
                 return self
         token = uuid.uuid4().hex
         claim = _Claim(self.dst, key, token)
-        if self.dst.is_local:
+        if self.dst.local_path() is not None:
             self._claim_local(claim)
-        elif self.dst._s3 is not None:
-            self._claim_s3(claim)
+        elif self.dst.supports_conditional_put:
+            self._claim_conditional(claim)
         else:
             self._claim_other(claim)
         with _HELD_LOCK:
@@ -433,29 +433,18 @@ class claim_destination:
 
     # -- S3: conditional PUTs ---------------------------------------------------------------
 
-    def _claim_s3(self, claim: _Claim) -> None:
-        from zero_ckpt.storage import _Accepted, _s3_status
-
-        s3 = self.dst._s3
-        assert s3 is not None
+    def _claim_conditional(self, claim: _Claim) -> None:
+        assert self.dst.supports_conditional_put
         url = self.dst.url_of(CLAIM_NAME)
-        key = s3.key(CLAIM_NAME)
         data = _claim_doc(self.job, claim.token)
 
-        def put(**cond: str) -> bool:
-            res = s3.call(
-                url, "create", lambda: s3._s3("put_object", Key=key, Body=data, **cond),
-                accept=lambda e: _s3_status(e)[0] in (409, 412),
-            )
-            return not isinstance(res, _Accepted)
-
         for _attempt in range(4):
-            if put(IfNoneMatch="*"):
+            if self.dst.put_conditional(CLAIM_NAME, data, if_none_match=True):
                 return
-            head = s3.head(CLAIM_NAME, url, "check")
-            if head is None:
+            etag = self.dst.etag(CLAIM_NAME)
+            if etag is None:
                 continue  # released meanwhile
-            body = s3.get(CLAIM_NAME, url)
+            body = self.dst.read_bytes(CLAIM_NAME)
             if _token_of(body) == claim.token:
                 return  # our own PUT landed, its answer was lost and the retry refused
             info0 = _parse_claim(body, url, None)
@@ -463,7 +452,7 @@ class claim_destination:
                              _pid_alive(info0.host, info0.pid))
             if info.live or not self.overwrite:
                 raise _claimed_error(self.dst, info, self.overwrite)
-            if put(IfMatch=head["ETag"]):
+            if self.dst.put_conditional(CLAIM_NAME, data, if_match=etag):
                 return
         raise DestinationClaimedError(
             f"{url} keeps changing: another job is claiming {self.dst.url} at the same time; "
@@ -524,7 +513,7 @@ def read_claim(dst: Location) -> ClaimInfo | None:
     if not dst.exists(CLAIM_NAME):
         return None
     url = dst.url_of(CLAIM_NAME)
-    if dst.is_local:
+    if dst.local_path() is not None:
         import fcntl
 
         probe = _probe_local_claim(dst.path_of(CLAIM_NAME), url, fcntl.LOCK_SH)
@@ -604,7 +593,7 @@ def prepare_output(
 def _remove_empty_dirs(dst: Location, removed: Iterable[str]) -> None:
     # Local disk keeps the folders of removed files (shards/, _parts/<job>/): drop them when
     # nothing else is left in them; a folder holding a user's file stays.
-    if not dst.is_local:
+    if dst.local_path() is None:
         return
     dirs = {posixpath.dirname(r) for r in removed}
     for d in sorted((x for x in dirs if x), key=lambda x: -x.count("/")):

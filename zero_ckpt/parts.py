@@ -606,7 +606,7 @@ def _remove_job(dst: Location, job: PartJob) -> None:
 def _remove_empty_dir(loc: Location, rel: str) -> None:
     # Local disk keeps empty directories after their files are removed; object stores (and
     # fsspec's memory filesystem, for listing purposes) have none to tidy.
-    if not loc.is_local:
+    if loc.local_path() is None:
         return
     try:
         os.rmdir(loc.path_of(rel))

@@ -587,7 +587,7 @@ def _list(
 
 def _check_root_is_not_a_file(run: Location) -> None:
     try:
-        is_file = bool(run.fs.isfile(run.root))
+        is_file = run.is_file()
     except OSError:  # the listing that follows reports a storage failure properly
         return
     if is_file:
@@ -601,7 +601,7 @@ def _check_root_is_not_a_file(run: Location) -> None:
 def _check_root_exists(run: Location) -> None:
     """An empty listing: an error when ``root`` does not exist (an empty folder is fine)."""
     try:
-        exists = bool(run.fs.exists(run.root)) or bool(run.fs.isdir(run.root))
+        exists = run.exists() or run.is_dir()
     except OSError:
         return
     if not exists:

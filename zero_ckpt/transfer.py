@@ -417,7 +417,7 @@ def run_file_plans(
     tasks: list[tuple[_FileJob, list[tuple[int, Segment]], bool]] = []
     stop = threading.Event()
     # Positioned writes need a local or S3 destination and a known size (every plan has one).
-    positioned = dst.is_local or dst._s3 is not None
+    positioned = dst.supports_positioned_write
     try:
         for plan in plans:
             segments = _segments(plan, positioned)

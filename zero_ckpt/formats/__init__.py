@@ -42,7 +42,7 @@ def is_torch_folder(loc: Location) -> bool:
     try:
         if loc.exists(MANIFEST_NAME) or not loc.exists(TORCH_OPTIMIZER_FILE):
             return False
-        return not bool(loc.fs.isfile(loc.root))
+        return not loc.is_file()
     except OSError:
         return False
 
@@ -55,7 +55,7 @@ def detect_location_format(loc: Location) -> str:
     if loc.exists(MANIFEST_NAME):
         return "zero-ckpt"
     try:
-        is_file = bool(loc.fs.isfile(loc.root))
+        is_file = loc.is_file()
     except OSError:
         is_file = False
     if is_file:

@@ -107,7 +107,7 @@ _MAX_LATEST_BYTES = 4096
 
 def _is_file(loc: Location, rel: str) -> bool:
     try:
-        return bool(loc.fs.isfile(loc.path_of(rel)))
+        return loc.is_file(rel)
     except Exception:  # noqa: BLE001 - any backend failure here means "no such file"
         return False
 

@@ -784,8 +784,8 @@ def _torch_load(loc: Location, rel: str) -> Any:
 
     check_torch_file(loc, rel)  # caps on the zip and its pickle, before torch.load spends memory
     try:
-        if loc.is_local:
-            path = loc.path_of(rel)
+        path = loc.local_path(rel)
+        if path is not None:
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as exc:
@@ -820,7 +820,7 @@ def _load_model_file(loc: Location, rel: str) -> dict[str, torch.Tensor]:
 
         url = loc.url_of(rel)
         try:
-            if loc.is_local:
+            if loc.local_path(rel) is not None:
                 loc.size(rel)
                 return load_file(loc.path_of(rel))
             return st_load(loc.read_bytes(rel))
@@ -876,7 +876,7 @@ def _open_sources(
             folder = True
         else:
             folder = False
-            if loc.exists() and not loc.fs.isfile(loc.root):
+            if loc.exists() and not loc.is_file():
                 raise CheckpointError(
                     f"{loc.url} has no {OPTIMIZER_FILE}: a plain torch checkpoint is a folder with "
                     f"{OPTIMIZER_FILE} and {MODEL_FILE_NAME} or {MODEL_PT_FILE} (+ {PARAM_NAMES_FILE}), "
