@@ -22,7 +22,8 @@ from zero_ckpt.errors import (  # noqa: E402
     DestinationExistsError,
     MissingShardError,
 )
-from zero_ckpt.storage import Location, open_location, prepare_destination  # noqa: E402
+from zero_ckpt.destination import prepare_destination  # noqa: E402
+from zero_ckpt.storage import Location, open_location  # noqa: E402
 
 DATA = bytes(range(256)) * 3 + b"tail"  # 772 bytes
 

@@ -55,7 +55,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from zero_ckpt.errors import DestinationExistsError
+from zero_ckpt.errors import DestinationExistsError, StorageError
 from zero_ckpt.storage import Location, check_distinct, open_location
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "holds_claim",
     "check_claim",
     "prepare_output",
+    "prepare_destination",
     "tool_files",
 ]
 
@@ -434,7 +435,10 @@ class claim_destination:
     # -- S3: conditional PUTs ---------------------------------------------------------------
 
     def _claim_conditional(self, claim: _Claim) -> None:
-        assert self.dst.supports_conditional_put
+        if not self.dst.supports_conditional_put:
+            raise StorageError(
+                f"{self.dst.url}: an S3 claim was asked for a destination that is not on S3", path=self.dst.url
+            )
         url = self.dst.url_of(CLAIM_NAME)
         data = _claim_doc(self.job, claim.token)
 
@@ -603,3 +607,26 @@ def _remove_empty_dirs(dst: Location, removed: Iterable[str]) -> None:
             except OSError:
                 break
             d = posixpath.dirname(d)
+
+
+def prepare_destination(
+    src: Location | None,
+    dst: Location,
+    overwrite: bool,
+    *,
+    outputs: Any = (),
+    folders: Any = ("shards",),
+) -> None:
+    """Make ``dst`` ready for a new checkpoint or output set, owning only what zero-ckpt writes.
+
+    Refuses a destination that is the source, inside it or contains it; one holding files
+    zero-ckpt writes (``manifest.json``, shards, ``model*.safetensors`` ..., or ``outputs``)
+    unless ``overwrite``; and a file it does not write inside one of ``folders``. With
+    ``overwrite`` exactly those zero-ckpt files go, the commit points (``manifest.json``,
+    indexes) first, so a crash midway never leaves a stale "complete" one; every other file
+    stays. See the module docstring for the rules and the claim marker.
+    """
+    prepare_output(
+        dst, overwrite, outputs=outputs, folders=tuple(folders),
+        sources=(src,) if src is not None else (),
+    )

@@ -30,7 +30,8 @@ from zero_ckpt.manifest import (
     shard_path,
     tensor_name,
 )
-from zero_ckpt.storage import Location, prepare_destination
+from zero_ckpt.destination import prepare_destination
+from zero_ckpt.storage import Location
 from zero_ckpt.writer import dtype_name, write_model_file, write_shard
 
 __all__ = [

@@ -27,7 +27,8 @@ from zero_ckpt.manifest import (
 )
 from zero_ckpt.plan import shard_header
 from zero_ckpt.safetensors_format import build_header
-from zero_ckpt.storage import Location, open_location, prepare_destination
+from zero_ckpt.destination import prepare_destination
+from zero_ckpt.storage import Location, open_location
 
 __all__ = ["write_shard", "write_model_file", "write_checkpoint", "dtype_name", "tensor_bytes"]
 

@@ -36,7 +36,6 @@ from zero_ckpt.storage.location import (
     check_distinct,
     list_pending_uploads,
     open_location,
-    prepare_destination,
     read_capped,
 )
 from zero_ckpt.storage.s3 import (  # noqa: F401 - private names kept reachable for tests
@@ -50,7 +49,6 @@ __all__ = [
     "Location",
     "open_location",
     "FileWriter",
-    "prepare_destination",
     "check_distinct",
     "read_capped",
     "list_pending_uploads",

@@ -25,7 +25,6 @@ __all__ = [
     "Location",
     "open_location",
     "FileWriter",
-    "prepare_destination",
     "check_distinct",
     "read_capped",
     "list_pending_uploads",
@@ -287,31 +286,6 @@ def check_distinct(src: Location, dst: Location) -> None:
                 "destination outside the source checkpoint",
                 path=dst.url,
             )
-
-
-def prepare_destination(
-    src: Location | None,
-    dst: Location,
-    overwrite: bool,
-    *,
-    outputs: Any = (),
-    folders: Any = ("shards",),
-) -> None:
-    """Make ``dst`` ready for a new checkpoint or output set, owning only what zero-ckpt writes.
-
-    Refuses a destination that is the source, inside it or contains it; one holding files
-    zero-ckpt writes (``manifest.json``, shards, ``model*.safetensors`` ..., or ``outputs``)
-    unless ``overwrite``; and a file it does not write inside one of ``folders``. With
-    ``overwrite`` exactly those zero-ckpt files go, the commit points (``manifest.json``,
-    indexes) first, so a crash midway never leaves a stale "complete" one; every other file
-    stays. See :mod:`zero_ckpt.destination` for the rules and the claim marker.
-    """
-    from zero_ckpt.destination import prepare_output  # it builds on this module
-
-    prepare_output(
-        dst, overwrite, outputs=outputs, folders=tuple(folders),
-        sources=(src,) if src is not None else (),
-    )
 
 
 class FileWriter:
