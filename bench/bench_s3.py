@@ -245,16 +245,15 @@ def load_job(job: str, spec: dict) -> dict:
     per_rank: list[dict] = []
 
     if job == "load_floor":
+        from zero_ckpt.formats.registry import open_view
         from zero_ckpt.plan import plan_partition_read
-        from zero_ckpt.transfer import read_source_headers
 
         with open_location(url, {"endpoint_url": ep}) as loc:
-            manifest = load_manifest(loc)
-            headers, _ = read_source_headers(loc, manifest)
+            view = open_view(loc)
             root = url.removeprefix("s3://")
             plans = []
             for rank in range(M):
-                reads = plan_partition_read(manifest, headers, M, rank)
+                reads = plan_partition_read(view, M, rank)
                 plans.append([(f"{root}/{op.src_file}", op.src_start, op.src_start + op.src_nbytes)
                               for ops in reads.ops for op in ops if op.numel])
         fs = plain_s3fs(ep)

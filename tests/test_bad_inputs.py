@@ -572,16 +572,16 @@ def test_read_descriptors_are_pooled(src: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_planning_refuses_a_huge_world_size_before_allocating(src: Path) -> None:
+    from zero_ckpt.formats.registry import open_view
     from zero_ckpt.manifest import check_target_world_size
-    from zero_ckpt.opening import read_source_headers
     from zero_ckpt.plan import plan_reshard
+    from zero_ckpt.storage import open_location
 
-    with zero_ckpt.open_checkpoint(str(src)) as reader:
-        manifest = reader.manifest
-        headers, _ = read_source_headers(reader.location, manifest)
+    with open_location(str(src)) as loc:
+        view = open_view(loc)
     start = time.monotonic()
     with pytest.raises(LayoutMismatchError, match=str(MAX_WORLD_SIZE)):
-        plan_reshard(manifest, headers, 10**12)
+        plan_reshard(view, 10**12)
     assert time.monotonic() - start < 1
     assert check_target_world_size(MAX_WORLD_SIZE) == MAX_WORLD_SIZE
     with pytest.raises(LayoutMismatchError, match="target world size is 65537"):

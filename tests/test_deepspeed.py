@@ -153,7 +153,7 @@ def test_run_folder_and_tag_folder_read_the_same(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_convert_then_consolidate_equals_zero_to_fp32(name: str, tmp_path: Path) -> None:
     info = _info(name)
-    manifest = convert(_ckpt(name), str(tmp_path / "v1"))
+    manifest = convert(_ckpt(name), str(tmp_path / "v1")).manifest
     assert manifest.world_size == info["world_size"]
     assert manifest.extra["converted_from"]["format"] == "deepspeed"
     assert zero_ckpt.verify(str(tmp_path / "v1")).ok
@@ -190,7 +190,7 @@ def test_convert_reshard_consolidate_equals_zero_to_fp32(name: str, to: int, tmp
 
 @pytest.mark.parametrize("name", ["z2_bf16_dp4", "z1_fp32_dp2"])
 def test_convert_straight_to_another_world_size(name: str, tmp_path: Path) -> None:
-    m = convert(_ckpt(name), str(tmp_path / "v1"), world_size=3)
+    m = convert(_ckpt(name), str(tmp_path / "v1"), world_size=3).manifest
     assert m.world_size == 3 and len(m.shards) == 3
     assert zero_ckpt.verify(str(tmp_path / "v1")).ok
     zero_ckpt.consolidate(str(tmp_path / "v1"), str(tmp_path / "full"), dtype="float32", all_tied_names=True)

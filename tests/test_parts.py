@@ -43,9 +43,10 @@ from zero_ckpt.parts import (  # noqa: E402
     part_from_env,
     resolve_part,
 )
+from zero_ckpt.formats.registry import open_view  # noqa: E402
 from zero_ckpt.plan import plan_consolidate, plan_reshard  # noqa: E402
 from zero_ckpt.storage import open_location  # noqa: E402
-from zero_ckpt.transfer import load_manifest, read_header, read_source_headers  # noqa: E402
+from zero_ckpt.transfer import load_manifest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC_WS, DST_WS = 3, 5
@@ -285,13 +286,11 @@ def test_overwrite_discards_what_is_not_this_jobs_but_keeps_other_parts_work(src
 def _split_tensor(kind: str, src: str, n: int) -> tuple[str, int]:
     """A source file and byte offset inside a tensor whose reads fall in two or more parts."""
     with open_location(src) as s:
-        manifest = load_manifest(s)
-        headers, _ = read_source_headers(s, manifest)
+        view = open_view(s)
         if kind == "reshard":
-            files = plan_reshard(manifest, headers, DST_WS).files
+            files = plan_reshard(view, DST_WS).files
         else:
-            model_header, _ = read_header(s, manifest.model_file.path)
-            files = plan_consolidate(manifest, headers, model_header, **CONSOLIDATE_OPTS).files
+            files = plan_consolidate(view, **CONSOLIDATE_OPTS).files
     parts = assign_parts([_cost(f) for f in files], n)
     owner = {files[i].path: k for k, items in enumerate(parts) for i in items}
     readers: dict[tuple[str, str], set[int]] = {}

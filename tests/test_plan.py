@@ -24,6 +24,7 @@ from zero_ckpt.plan import (
     shard_header,
 )
 from zero_ckpt.safetensors_format import dtype_size
+from zero_ckpt.view import ModelTensor, SourceView, rank_extents
 
 F32, BF16 = "float32", "bfloat16"
 
@@ -62,6 +63,11 @@ def _headers(m: Manifest):
     return {r: shard_header(m, r)[1] for r in range(m.world_size)}
 
 
+def _view(m: Manifest, headers, model: tuple[ModelTensor, ...] = ()) -> SourceView:
+    """The format-v1 view of a manifest whose shards have the given headers."""
+    return SourceView("zero-ckpt", "mem://ckpt", m, rank_extents(m, headers), model)
+
+
 def _src(r: int, n: int = 4) -> str:
     return shard_path(r, n)
 
@@ -79,7 +85,7 @@ def test_hand_worked_reshard_4_to_3() -> None:
     m = _manifest(HAND, 4)
     src = _headers(m)
     assert [src[r].tensors["g0.master"].numel for r in range(4)] == [4, 4, 4, 3]
-    plan = plan_reshard(m, src, 3)
+    plan = plan_reshard(_view(m, src), 3)
     assert [f.path for f in plan.files] == [shard_path(r, 3) for r in range(3)]
     assert plan.target.world_size == 3 and plan.target.groups[0].partition_numel == 5
 
@@ -103,7 +109,7 @@ def test_hand_worked_reshard_4_to_3() -> None:
 def test_hand_worked_reshard_with_a_bfloat16_state() -> None:
     m = _manifest(HAND, 4, state_dtypes=[{"exp_avg": BF16}])
     src = _headers(m)
-    plan = plan_reshard(m, src, 3)
+    plan = plan_reshard(_view(m, src), 3)
 
     def op(dst_rank, src_rank, key, src_offset, dst_offset, numel, dtype):
         name = f"g0.{key}"
@@ -127,7 +133,7 @@ def test_hand_worked_reshard_with_a_bfloat16_state() -> None:
 def test_hand_worked_consolidate() -> None:
     m = _manifest(HAND, 4)
     src = _headers(m)
-    plan = plan_consolidate(m, src)
+    plan = plan_consolidate(_view(m, src))
     assert plan.documents == {}
     (f,) = plan.files
     assert f.path == "model.safetensors"
@@ -156,7 +162,7 @@ def test_hand_worked_consolidate() -> None:
 def test_hand_worked_consolidate_split_and_dtype() -> None:
     m = _manifest(HAND, 4)
     # float16 everywhere: a 10 bytes, b 14, c 6 -> limit 24: [a, b] would be 24 -> fits; c alone
-    plan = plan_consolidate(m, _headers(m), dtype="float16", max_shard_size=24)
+    plan = plan_consolidate(_view(m, _headers(m)), dtype="float16", max_shard_size=24)
     assert [f.path for f in plan.files] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     assert [list(f.header.tensors) for f in plan.files] == [["a", "b"], ["c"]]
     index = json.loads(plan.documents["model.safetensors.index.json"])
@@ -167,14 +173,14 @@ def test_hand_worked_consolidate_split_and_dtype() -> None:
     }
     assert {op.dst_dtype for f in plan.files for op in f.ops} == {"float16"}
     # a tensor larger than the limit gets a file of its own
-    plan = plan_consolidate(m, _headers(m), max_shard_size=1)
+    plan = plan_consolidate(_view(m, _headers(m)), max_shard_size=1)
     assert [list(f.header.tensors) for f in plan.files] == [["a"], ["b"], ["c"]]
 
 
 def test_hand_worked_consolidate_with_optimizer() -> None:
     m = _manifest(HAND, 4, state_dtypes=[{"exp_avg": BF16}])
     src = _headers(m)
-    plan = plan_consolidate(m, src, include_optimizer=True)
+    plan = plan_consolidate(_view(m, src), include_optimizer=True)
     assert [f.path for f in plan.files] == ["model.safetensors", "optimizer.safetensors"]
     opt = plan.files[1]
     assert list(opt.header.tensors) == ["a.master", "b.master", "c.master", "a.exp_avg", "b.exp_avg", "c.exp_avg"]
@@ -199,43 +205,48 @@ def test_hand_worked_partition_read() -> None:
                       numel, dtype, dtype)
 
     # world size 3, rank 1: flat [5, 10)
-    read = plan_partition_read(m, src, 3, 1)
+    read = plan_partition_read(_view(m, src), 3, 1)
     assert read.real_numel == (5,)
     assert read.ops == ((
         op(1, "master", 4, 0, 3, F32), op(2, "master", 0, 12, 2, F32),
         op(1, "exp_avg", 2, 0, 3, BF16), op(2, "exp_avg", 0, 6, 2, BF16),
     ),)
     # align 4 overrides the recorded 1: partition 8, rank 1 = [8, 15), rank 2 holds only padding
-    read = plan_partition_read(m, src, 3, 1, align=4)
+    read = plan_partition_read(_view(m, src), 3, 1, align=4)
     assert read.real_numel == (7,)
     assert read.ops[0][:2] == (op(2, "master", 0, 0, 4, F32), op(3, "master", 0, 16, 3, F32))
-    read = plan_partition_read(m, src, 3, 2, align=4)
+    read = plan_partition_read(_view(m, src), 3, 2, align=4)
     assert read.real_numel == (0,) and read.ops == ((),)
 
 
-def test_model_file_is_copied_raw() -> None:
-    mf = FileMeta("model.safetensors", 123, "crc32c:00000000")
-    m = _manifest(HAND, 2, model_file=mf)
-    plan = plan_reshard(m, _headers(m), 5)
-    assert [f.path for f in plan.files][-1] == "model.safetensors"
+def test_model_file_is_planned_tensor_by_tensor() -> None:
+    m = _manifest(HAND, 2)
+    model = (
+        ModelTensor.whole("z.buf", F32, (2, 3), "model.safetensors", 200, "z.buf"),
+        ModelTensor.whole("a.frozen", BF16, (4,), "model.safetensors", 100, "a.frozen"),
+    )
+    plan = plan_reshard(_view(m, _headers(m), model), 5)
     last = plan.files[-1]
-    assert last.header_bytes == b"" and last.file_bytes == 123
-    assert last.ops == (CopyOp("model.safetensors", None, 0, 0, None, 0, 0, 123, "uint8", "uint8"),)
-    # a model file of another size than recorded is refused (its bytes shape the output)
-    with pytest.raises(CorruptShardError, match="model.safetensors is 7 bytes, the manifest says 123"):
-        plan_reshard(m, _headers(m), 5, model_file_bytes=7)
+    assert last.path == "model.safetensors" and last.rank is None
+    assert sorted(last.header.tensors) == ["a.frozen", "z.buf"]  # sorted by name, as saves write it
+    a, z = last.header.tensors["a.frozen"], last.header.tensors["z.buf"]
+    assert last.ops == (
+        CopyOp("model.safetensors", "a.frozen", 0, 100, "a.frozen", 0, a.start, 4, BF16, BF16),
+        CopyOp("model.safetensors", "z.buf", 0, 200, "z.buf", 0, z.start, 6, F32, F32),
+    )
+    assert last.file_bytes == len(last.header_bytes) + 4 * 2 + 6 * 4
 
 
 def test_plan_rejects_bad_targets() -> None:
     m = _manifest(HAND, 4)
     with pytest.raises(LayoutMismatchError, match="at least 1, got 0"):
-        plan_reshard(m, _headers(m), 0)
+        plan_reshard(_view(m, _headers(m)), 0)
     with pytest.raises(LayoutMismatchError, match="at least 1, got -2"):
         retarget_manifest(m, -2)
     with pytest.raises(LayoutMismatchError, match="'int8' is not a floating dtype"):
-        plan_consolidate(m, _headers(m), dtype="int8")
+        plan_consolidate(_view(m, _headers(m)), dtype="int8")
     with pytest.raises(LayoutMismatchError, match="must be positive, got 0"):
-        plan_consolidate(m, _headers(m), max_shard_size=0)
+        plan_consolidate(_view(m, _headers(m)), max_shard_size=0)
 
 
 # ----- properties over random layouts ------------------------------------------------------------
@@ -309,7 +320,7 @@ def _group_of(tensor: str) -> int:
 def test_property_reshard_plan(case) -> None:
     m = _case_manifest(case)
     src = _headers(m)
-    plan = plan_reshard(m, src, case["m"])
+    plan = plan_reshard(_view(m, src), case["m"])
     assert len(plan.files) == case["m"]
     for f in plan.files:
         _assert_tiles(f)
@@ -334,7 +345,7 @@ def test_property_reshard_plan(case) -> None:
 def test_property_consolidate_plan(case, dtype, limit) -> None:
     m = _case_manifest(case)
     src = _headers(m)
-    plan = plan_consolidate(m, src, dtype=dtype, max_shard_size=limit, include_optimizer=True)
+    plan = plan_consolidate(_view(m, src), dtype=dtype, max_shard_size=limit, include_optimizer=True)
     params = {p.name: (gi, p) for gi, g in enumerate(m.groups) for p in g.params}
     model_files = [f for f in plan.files if f.path.startswith("model")]
     opt_files = [f for f in plan.files if f.path.startswith("optimizer")]
@@ -390,7 +401,7 @@ def test_property_partition_read(case, align) -> None:
     world = case["m"]
     all_ops = []
     for rank in range(world):
-        read = plan_partition_read(m, src, world, rank, align=align)
+        read = plan_partition_read(_view(m, src), world, rank, align=align)
         assert len(read.ops) == len(m.groups)
         for gi, (ops, real) in enumerate(zip(read.ops, read.real_numel)):
             group = m.groups[gi]

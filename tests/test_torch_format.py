@@ -366,7 +366,7 @@ def test_folder_and_single_file_conventions(tmp_path: Path) -> None:
     with pytest.raises(TorchStateDictError, match="param_names.json"):
         convert(str(src), str(tmp_path / "v1"), world_size=3)
     (src / "param_names.json").write_text(json.dumps([NAMES[:4], NAMES[4:]]))
-    manifest = convert(str(src), str(tmp_path / "v1"), world_size=3)  # auto-detected
+    manifest = convert(str(src), str(tmp_path / "v1"), world_size=3).manifest  # auto-detected
     assert manifest.world_size == 3 and manifest.extra["converted_from"]["format"] == "torch"
     export_torch(str(tmp_path / "v1"), str(tmp_path / "out"))
     assert_same_model(continue_from(tmp_path / "out", "rmsprop"), reference)

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from zero_ckpt import __version__
-from zero_ckpt.formats import detect_location_format, open_source
+from zero_ckpt.formats.registry import open_view, precheck
 from zero_ckpt import knobs
 from zero_ckpt.errors import CheckpointError, CorruptShardError, MissingShardError, raise_problems
 from zero_ckpt.manifest import Manifest
 from zero_ckpt.parts import PartResult, PartSpec, PartWork, make_job, resolve_part, run_part
 from zero_ckpt.plan import ConsolidatePlan, plan_consolidate
-from zero_ckpt.safetensors_format import SafetensorsHeader
+from zero_ckpt.view import SourceView
 from zero_ckpt.destination import check_reads, claim_destination, prepare_output
 from zero_ckpt.storage import Location, open_location
 from zero_ckpt.transfer import (
@@ -94,6 +94,7 @@ def consolidate(
     hf_config_from: str | None = None,
     hf_storage_options: dict[str, Any] | None = None,
     all_tied_names: bool = False,
+    from_format: str = "auto",
 ) -> ConsolidateResult | PartResult:
     """Write full tensors of the checkpoint at ``src`` to the directory ``out``.
 
@@ -136,15 +137,13 @@ def consolidate(
                     spec, s, d,
                     lambda: _part_work(
                         s, d, dtype, max_shard_size, include_optimizer, spec.parts, hf,
-                        all_tied_names, chunk_bytes, fsync,
+                        all_tied_names, chunk_bytes, fsync, from_format,
                     ),
                     overwrite=overwrite, workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
                     progress=progress,
                 )
-            manifest, by_path, header_crcs, plan = _plan(
-                s, dtype, max_shard_size, include_optimizer, hf, all_tied_names
-            )
-            check_reads(d, sources=(s,), files=[(s, f.path) for f in _source_files(manifest)])
+            view, plan = _plan(s, dtype, max_shard_size, include_optimizer, hf, all_tied_names, from_format)
+            check_reads(d, sources=(s,), files=[(s, f.path) for f in view.files])
             hf.check_reads(d)
             with claim_destination(d, "consolidate", overwrite):
                 prepare_output(d, overwrite, outputs=hf.outputs, folders=())
@@ -157,7 +156,8 @@ def consolidate(
                 copied: list[str] = []
                 try:
                     raise_problems(
-                        checks.problems(s, _source_files(manifest), by_path, header_crcs), CorruptShardError
+                        checks.problems(s, view.checked_files, view.checks.headers, view.checks.header_crcs),
+                        CorruptShardError,
                     )
                     copied = hf.copy_to(d, chunk_bytes, fsync)
                     for name, data in _documents_in_order(plan.documents):
@@ -327,42 +327,27 @@ def _documents_in_order(documents: Mapping[str, bytes]) -> list[tuple[str, bytes
     return sorted(documents.items(), key=lambda kv: kv[0] == "model.safetensors.index.json")
 
 
-def _source_files(manifest: Manifest) -> list:
-    return list(manifest.shards) + ([manifest.model_file] if manifest.model_file else [])
-
-
 def _plan(
     s: Location, dtype: str | None, max_shard_size: int | None, include_optimizer: bool,
-    hf: _HfFiles, all_tied_names: bool,
-) -> tuple[Manifest, dict[str, SafetensorsHeader], dict[str, int], ConsolidatePlan]:
-    # Format v1 or DeepSpeed (whose shards are its .pt files, located byte range by range).
-    manifest, headers, header_crcs, model_header = open_source(s)
-    if detect_location_format(s) == "deepspeed":
-        from zero_ckpt.formats.deepspeed import read_deepspeed, verify_deepspeed_files
-
-        # DeepSpeed records no checksums: check its files against their zip CRC-32s
-        # before anything is written, so a damaged source never shapes an output
-        verify_deepspeed_files(s, read_deepspeed(s))
-    header_crcs = dict(header_crcs)
-    by_path = {manifest.shard(r).path: h for r, h in headers.items()}
-    if model_header is not None and manifest.model_file is not None:
-        by_path[manifest.model_file.path] = model_header
+    hf: _HfFiles, all_tied_names: bool, from_format: str,
+) -> tuple[SourceView, ConsolidatePlan]:
+    # Any registered format: the view says where every byte is; formats without checksums of
+    # their own are prechecked before anything is written.
+    view = open_view(s, from_format)
+    precheck(s, view)
     plan = plan_consolidate(
-        manifest, headers, model_header, dtype=dtype, max_shard_size=max_shard_size,
-        include_optimizer=include_optimizer,
-        tied_names=tied_names_for(manifest, hf.config, all_tied_names=all_tied_names),
+        view, dtype=dtype, max_shard_size=max_shard_size, include_optimizer=include_optimizer,
+        tied_names=tied_names_for(view.manifest, hf.config, all_tied_names=all_tied_names),
     )
-    return manifest, by_path, header_crcs, plan
+    return view, plan
 
 
 def _part_work(
     s: Location, d: Location, dtype: str | None, max_shard_size: int | None,
     include_optimizer: bool, parts: int, hf: _HfFiles, all_tied_names: bool,
-    chunk_bytes: int | None, fsync: bool | None,
+    chunk_bytes: int | None, fsync: bool | None, from_format: str,
 ) -> PartWork:
-    manifest, by_path, header_crcs, plan = _plan(
-        s, dtype, max_shard_size, include_optimizer, hf, all_tied_names
-    )
+    view, plan = _plan(s, dtype, max_shard_size, include_optimizer, hf, all_tied_names, from_format)
     hf.check_reads(d)
     options = {"dtype": dtype, "max_shard_size": max_shard_size, "include_optimizer": include_optimizer}
     if hf.loc is not None:
@@ -372,7 +357,7 @@ def _part_work(
     summary = "consolidate" + "".join(
         f", {k} {v}" for k, v in options.items() if v not in (None, False)
     )
-    job = make_job("consolidate", options, manifest, parts, __version__, summary)
+    job = make_job("consolidate", options, view.manifest, parts, __version__, summary)
 
     def commit(written: Mapping[str, WrittenFile]) -> None:
         hf.copy_to(d, chunk_bytes, fsync)
@@ -380,6 +365,6 @@ def _part_work(
             d.write_atomic(name, data)
 
     return PartWork(
-        job, plan.files, tuple(hf.outputs) + tuple(plan.documents), tuple(_source_files(manifest)),
-        by_path, header_crcs, commit,
+        job, plan.files, tuple(hf.outputs) + tuple(plan.documents), view.checked_files,
+        view.checks.headers, view.checks.header_crcs, commit,
     )

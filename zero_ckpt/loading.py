@@ -31,6 +31,7 @@ from zero_ckpt.checksum import crc32c, parse_checksum
 from zero_ckpt.checks import check_shard_header
 from zero_ckpt.errors import CorruptShardError, LayoutMismatchError, Problem, raise_problems
 from zero_ckpt.manifest import Manifest
+from zero_ckpt.view import SourceView, rank_extents
 from zero_ckpt.plan import CopyOp, plan_partition_read, split_op
 from zero_ckpt.safetensors_format import SafetensorsHeader
 from zero_ckpt.snapshot import group_of, model_only_state, owned_names, param_names
@@ -221,7 +222,8 @@ def _read_partition(
         problems += check_shard_header(manifest, r, header, url)
         headers[r], header_crcs[meta.path] = header, crc
     raise_problems(problems, CorruptShardError)
-    plans = {a: plan_partition_read(manifest, headers, ws, rank, align=a) for a in aligns}
+    view = SourceView("zero-ckpt", loc.url, manifest, rank_extents(manifest, headers))
+    plans = {a: plan_partition_read(view, ws, rank, align=a) for a in aligns}
     buffers = _Buffers()
     chunk = knobs.chunk_bytes()
     out = []

@@ -33,7 +33,7 @@ Job id: a hash of the source manifest, the kind of job and its options (target w
 dtype, max shard size, optimizer), the part count and the zero-ckpt version. Records of
 different jobs never mix: a part refuses a destination holding another job's ``_parts/``.
 
-Destination rules for a part (unsplit jobs keep :func:`~zero_ckpt.storage.prepare_destination`):
+Destination rules for a part (unsplit jobs keep :func:`~zero_ckpt.destination.prepare_destination`):
 
 - files zero-ckpt does not write (see :mod:`zero_ckpt.destination`) are never touched; one
   inside a folder the job writes (``shards/`` of a reshard) is refused;

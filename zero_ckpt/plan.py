@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 from zero_core.layout import GroupLayout
 from zero_ckpt.checks import expected_shard_tensors
-from zero_ckpt.errors import CorruptShardError, LayoutMismatchError
+from zero_ckpt.errors import LayoutMismatchError
 from zero_ckpt.manifest import (
     MODEL_FILE_NAME,
     FileMeta,
@@ -28,6 +28,7 @@ from zero_ckpt.manifest import (
     tensor_name,
 )
 from zero_ckpt.safetensors_format import SafetensorsHeader, build_header, dtype_size, to_safetensors_dtype
+from zero_ckpt.view import ModelTensor, SourceView
 
 __all__ = [
     "CopyOp",
@@ -38,6 +39,8 @@ __all__ = [
     "plan_reshard",
     "plan_consolidate",
     "plan_partition_read",
+    "plan_model_file",
+    "state_ops",
     "split_op",
     "retarget_manifest",
     "shard_header",
@@ -152,15 +155,12 @@ def shard_header(manifest: Manifest, rank: int) -> tuple[bytes, SafetensorsHeade
     return build_header(expected_shard_tensors(manifest, rank), meta)
 
 
-def _range_ops(
+def state_ops(
+    view: SourceView,
     group_index: int,
-    group: GroupMeta,
-    src_layout: GroupLayout,
-    src_headers: Mapping[int, SafetensorsHeader],
-    master_dtype: str,
+    key: str,
     flat_start: int,
     flat_end: int,
-    key: str,
     dst_tensor: str,
     dst_base: int,
     dst_dtype: str | None = None,
@@ -168,52 +168,30 @@ def _range_ops(
     """Ops that copy flat elements ``[flat_start, flat_end)`` of ``key`` into ``dst_tensor``
     starting at absolute byte ``dst_base`` (the destination's first element is flat_start)."""
     ops = []
-    name = tensor_name(group_index, key)
-    src_dtype = group.dtype_of(key, master_dtype)
-    dst_dtype = dst_dtype or src_dtype
-    src_size, dst_size = dtype_size(src_dtype), dtype_size(dst_dtype)
-    for rank, lo, hi in src_layout.locate(flat_start, flat_end):
-        entry = src_headers[rank].tensors[name]
-        src_offset = (lo - rank * src_layout.partition_numel) * src_size
-        dst_offset = (lo - flat_start) * dst_size
+    for e in view.extents(group_index, key, flat_start, flat_end):
+        out_dtype = dst_dtype or e.dtype
+        dst_offset = (e.start - flat_start) * dtype_size(out_dtype)
         ops.append(
             CopyOp(
-                src_file=shard_path(rank, src_layout.world_size),
-                src_tensor=name,
-                src_offset=src_offset,
-                src_start=entry.start + src_offset,
+                src_file=e.file,
+                src_tensor=e.tensor,
+                src_offset=e.tensor_offset,
+                src_start=e.byte_start,
                 dst_tensor=dst_tensor,
                 dst_offset=dst_offset,
                 dst_start=dst_base + dst_offset,
-                numel=hi - lo,
-                src_dtype=src_dtype,
-                dst_dtype=dst_dtype,
+                numel=e.numel,
+                src_dtype=e.dtype,
+                dst_dtype=out_dtype,
             )
         )
     return ops
 
 
-def _source_path_map(manifest: Manifest) -> dict[str, str]:
-    """Canonical shard path -> the path the manifest actually records."""
-    return {shard_path(s.rank, manifest.world_size): s.path for s in manifest.shards}  # type: ignore[arg-type]
-
-
-def _with_recorded_paths(ops: list[CopyOp], paths: Mapping[str, str]) -> tuple[CopyOp, ...]:
-    return tuple(replace(op, src_file=paths.get(op.src_file, op.src_file)) for op in ops)
-
-
-def plan_reshard(
-    manifest: Manifest,
-    src_headers: Mapping[int, SafetensorsHeader],
-    world_size: int,
-    model_file_bytes: int | None = None,
-) -> ReshardPlan:
-    """Plan N -> ``world_size`` resharding. ``src_headers[r]`` is rank r's parsed header
-    (already checked against the manifest). ``model_file_bytes``: size of the source's
-    model file, copied unchanged."""
-    target = retarget_manifest(manifest, world_size)
-    src_layouts = manifest.layouts()
-    paths = _source_path_map(manifest)
+def plan_reshard(view: SourceView, world_size: int) -> ReshardPlan:
+    """Plan the source's state cut for ``world_size`` ranks (format-v1 shards), plus
+    ``model.safetensors`` planned tensor by tensor from the view's module-only tensors."""
+    target = retarget_manifest(replace(view.manifest, model_file=None), world_size)
     files: list[FilePlan] = []
     for rank in range(world_size):
         header_bytes, header = shard_header(target, rank)
@@ -222,35 +200,38 @@ def plan_reshard(
             lo, hi = group.layout(world_size).real_range(rank)
             for key in group.keys:
                 entry = header.tensors[tensor_name(gi, key)]
-                ops += _range_ops(
-                    gi, group, src_layouts[gi], src_headers, manifest.master_dtype,
-                    lo, hi, key, entry.name, entry.start,
-                )
+                ops += state_ops(view, gi, key, lo, hi, entry.name, entry.start)
         files.append(
-            FilePlan(
-                shard_path(rank, world_size), header_bytes, header,
-                _with_recorded_paths(ops, paths), header.file_bytes, rank,
-            )
+            FilePlan(shard_path(rank, world_size), header_bytes, header, tuple(ops), header.file_bytes, rank)
         )
-    if manifest.model_file is not None:
-        # Copied as recorded: a file of another size is refused here, and the copy's bytes
-        # are checked against the recorded checksum as they stream (SourceChecks).
-        nbytes = manifest.model_file.bytes
-        if model_file_bytes is not None and model_file_bytes != nbytes:
-            raise CorruptShardError(
-                f"{manifest.model_file.path} is {model_file_bytes} bytes, the manifest says "
-                f"{nbytes} (truncated or replaced?); restore it from a good copy",
-                path=manifest.model_file.path,
-                expected=nbytes,
-                actual=model_file_bytes,
-            )
-        files.append(_raw_copy_plan(manifest.model_file.path, MODEL_FILE_NAME, nbytes))
+    model = plan_model_file(view)
+    if model is not None:
+        files.append(model)
     return ReshardPlan(target, tuple(files))
 
 
-def _raw_copy_plan(src: str, dst: str, nbytes: int) -> FilePlan:
-    op = CopyOp(src, None, 0, 0, None, 0, 0, nbytes, "uint8", "uint8")
-    return FilePlan(dst, b"", None, (op,) if nbytes else (), nbytes)
+def plan_model_file(view: SourceView, dst: str = MODEL_FILE_NAME) -> FilePlan | None:
+    """``dst`` (safetensors, tensors sorted by name as ``write_model_file`` writes them) from
+    the view's module-only tensors; None when it has none."""
+    if not view.model:
+        return None
+    tensors = sorted(view.model, key=lambda t: t.name)
+    header_bytes, header = build_header([(t.name, t.dtype, t.shape) for t in tensors], {"format": "pt"})
+    ops = []
+    seen: set[tuple[str, int, int]] = set()
+    for t in tensors:
+        out = header.tensors[t.name]
+        for e in t.pieces:
+            key = (e.file, e.byte_start, e.numel * dtype_size(e.dtype))
+            dst_offset = e.start * dtype_size(t.dtype)
+            ops.append(
+                CopyOp(
+                    e.file, e.tensor, e.tensor_offset, e.byte_start, t.name, dst_offset,
+                    out.start + dst_offset, e.numel, e.dtype, t.dtype, check_source=key not in seen,
+                )
+            )
+            seen.add(key)
+    return FilePlan(dst, header_bytes, header, tuple(ops), header.file_bytes)
 
 
 # ----- consolidate ---------------------------------------------------------------------------
@@ -265,7 +246,7 @@ class _OutTensor:
     group: int | None = None
     param: int | None = None
     key: str | None = None
-    model_src: tuple[int, str] | None = None  # (absolute byte start, dtype) in model file
+    model_src: ModelTensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -276,9 +257,7 @@ class _OutTensor:
 
 
 def plan_consolidate(
-    manifest: Manifest,
-    src_headers: Mapping[int, SafetensorsHeader],
-    model_header: SafetensorsHeader | None = None,
+    view: SourceView,
     *,
     dtype: str | None = None,
     max_shard_size: int | None = None,
@@ -303,6 +282,7 @@ def plan_consolidate(
         )
     if max_shard_size is not None and max_shard_size < 1:
         raise LayoutMismatchError(f"max shard size must be positive, got {max_shard_size} bytes")
+    manifest = view.manifest
     model_tensors: list[_OutTensor] = []
     for gi, group in enumerate(manifest.groups):
         for pi, p in enumerate(group.params):
@@ -317,19 +297,17 @@ def plan_consolidate(
             for name in names:
                 model_tensors.append(_OutTensor(name, dtype or p.dtype, p.shape, gi, pi, "master"))
     taken = {t.name for t in model_tensors}
-    if model_header is not None:
-        for entry in sorted(model_header.tensors.values(), key=lambda e: e.start):
-            if entry.name in taken:
-                raise LayoutMismatchError(
-                    f"{MODEL_FILE_NAME} of the checkpoint holds {entry.name!r}, which is also an "
-                    "optimizer-owned parameter; the checkpoint is inconsistent"
-                )
-            out_dtype = dtype if (dtype and entry.dtype in _FLOATS) else entry.dtype
-            model_tensors.append(
-                _OutTensor(entry.name, out_dtype, entry.shape, model_src=(entry.start, entry.dtype))
+    for mt in view.model:
+        if mt.name in taken:
+            raise LayoutMismatchError(
+                f"the module-only tensors of {view.url} include {mt.name!r}, which is also an "
+                "optimizer-owned parameter; the checkpoint is inconsistent",
+                path=view.url,
             )
+        out_dtype = dtype if (dtype and mt.dtype in _FLOATS) else mt.dtype
+        model_tensors.append(_OutTensor(mt.name, out_dtype, mt.shape, model_src=mt))
     files, documents = _plan_output_set(
-        CONSOLIDATED_MODEL_NAME, model_tensors, manifest, src_headers, max_shard_size
+        CONSOLIDATED_MODEL_NAME, model_tensors, view, max_shard_size
     )
     if include_optimizer:
         opt_tensors = [
@@ -339,7 +317,7 @@ def plan_consolidate(
             for key in group.keys
         ]
         opt_files, opt_docs = _plan_output_set(
-            CONSOLIDATED_OPTIMIZER_NAME, opt_tensors, manifest, src_headers, max_shard_size
+            CONSOLIDATED_OPTIMIZER_NAME, opt_tensors, view, max_shard_size
         )
         files += opt_files
         documents.update(opt_docs)
@@ -384,8 +362,7 @@ def _split_by_size(tensors: list[_OutTensor], max_bytes: int | None) -> list[lis
 def _plan_output_set(
     stem: str,
     tensors: list[_OutTensor],
-    manifest: Manifest,
-    src_headers: Mapping[int, SafetensorsHeader],
+    view: SourceView,
     max_shard_size: int | None,
 ) -> tuple[list[FilePlan], dict[str, bytes]]:
     chunks = _split_by_size(tensors, max_shard_size)
@@ -395,9 +372,7 @@ def _plan_output_set(
         if count == 1
         else [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     )
-    src_layouts = manifest.layouts()
-    paths = _source_path_map(manifest)
-    model_path = manifest.model_file.path if manifest.model_file else MODEL_FILE_NAME
+    manifest = view.manifest
     files = []
     weight_map: dict[str, str] = {}
     for fname, chunk in zip(names, chunks):
@@ -410,19 +385,18 @@ def _plan_output_set(
             entry = header.tensors[t.name]
             weight_map[t.name] = fname
             if t.model_src is not None:
-                start, src_dtype = t.model_src
-                numel = entry.numel
-                ops.append(
-                    CopyOp(model_path, t.name, 0, start, t.name, 0, entry.start, numel, src_dtype, t.dtype)
-                )
+                for e in t.model_src.pieces:
+                    dst_offset = e.start * dtype_size(t.dtype)
+                    ops.append(
+                        CopyOp(e.file, e.tensor, e.tensor_offset, e.byte_start, t.name, dst_offset,
+                               entry.start + dst_offset, e.numel, e.dtype, t.dtype)
+                    )
                 continue
-            group = manifest.groups[t.group]  # type: ignore[index]
-            p = group.params[t.param]  # type: ignore[index]
-            ops += _range_ops(
-                t.group, group, src_layouts[t.group], src_headers, manifest.master_dtype,  # type: ignore[arg-type]
-                p.offset, p.offset + p.numel, t.key, t.name, entry.start, t.dtype,  # type: ignore[arg-type]
+            p = manifest.groups[t.group].params[t.param]  # type: ignore[index]
+            ops += state_ops(
+                view, t.group, t.key, p.offset, p.offset + p.numel, t.name, entry.start, t.dtype,  # type: ignore[arg-type]
             )
-        files.append(FilePlan(fname, header_bytes, header, _with_recorded_paths(ops, paths), header.file_bytes))
+        files.append(FilePlan(fname, header_bytes, header, tuple(ops), header.file_bytes))
     return files, _index_documents(stem, tensors, weight_map, count)
 
 
@@ -471,8 +445,7 @@ def _index_documents(
 
 
 def plan_partition_read(
-    manifest: Manifest,
-    src_headers: Mapping[int, SafetensorsHeader],
+    view: SourceView,
     world_size: int,
     rank: int,
     align: int | None = None,
@@ -482,7 +455,7 @@ def plan_partition_read(
     ``align`` overrides the recorded alignment (an optimizer may align differently than the
     one that saved; the flat buffer, and so the bytes, are the same).
     """
-    paths = _source_path_map(manifest)
+    manifest = view.manifest
     src_layouts = manifest.layouts()
     all_ops = []
     reals = []
@@ -494,10 +467,8 @@ def plan_partition_read(
         reals.append(hi - lo)
         ops: list[CopyOp] = []
         for key in group.keys:
-            ops += _range_ops(
-                gi, group, src_layouts[gi], src_headers, manifest.master_dtype, lo, hi, key, key, 0
-            )
-        all_ops.append(_with_recorded_paths(ops, paths))
+            ops += state_ops(view, gi, key, lo, hi, key, 0)
+        all_ops.append(tuple(ops))
     return PartitionRead(tuple(all_ops), tuple(reals))
 
 

@@ -116,14 +116,13 @@ def inspect_checkpoint(
     """Read ``url``'s manifest and return :func:`summarize` of it (reads no tensor data).
 
     A run directory whose ``latest`` names a format-v1 checkpoint is read as that checkpoint
-    (``path`` in the result names it); a DeepSpeed folder is read as its format-v1 view.
+    (``path`` in the result names it); another format (DeepSpeed, DCP) is read as its view's logical content.
 
     Raises the :class:`~zero_ckpt.errors.CheckpointError` that opening raises (incomplete
     checkpoint, unreadable or unsupported manifest, ...).
     """
     # Imported here: storage pulls in fsspec; keep this module light for the CLI's --help.
-    from zero_ckpt.formats import detect_location_format, open_source
-    from zero_ckpt.opening import load_manifest
+    from zero_ckpt.formats.registry import describe, detect
     from zero_ckpt.storage import open_location
 
     from zero_ckpt.runs import latest_zero_ckpt
@@ -132,9 +131,8 @@ def inspect_checkpoint(
         # a run directory whose latest names a format-v1 checkpoint: that checkpoint
         url = latest_zero_ckpt(probe) or url
     with open_location(url, storage_options) as loc:
-        fmt = detect_location_format(loc)
-        # Format v1: the manifest alone (no shard is touched); others: their format-v1 view.
-        manifest = load_manifest(loc) if fmt == "zero-ckpt" else open_source(loc, fmt).manifest
+        fmt = detect(loc)
+        manifest = describe(loc, fmt)
     out = summarize(manifest, path=url, params=params)
     out["source_format"] = fmt
     return out

@@ -122,7 +122,8 @@ from zero_ckpt.formats.torch_zip import (
 from zero_ckpt.manifest import FileMeta, GroupMeta, Manifest, ParamMeta, tensor_name
 from zero_ckpt.plan import CopyOp, FilePlan
 from zero_ckpt.safetensors_format import SafetensorsHeader, dtype_size
-from zero_ckpt.storage import Location, open_location, prepare_destination
+from zero_ckpt.destination import prepare_destination
+from zero_ckpt.storage import Location, open_location
 from zero_ckpt.segments import CastViaSegment, Crc32Segment, LiteralSegment, Segment, ZerosSegment
 from zero_ckpt.transfer import ProgressFn, ProgressTracker, SourceChecks, run_file_plans
 

@@ -69,7 +69,8 @@ import torch
 
 from zero_ckpt.checksum import crc32c, parse_checksum
 from zero_ckpt.errors import CheckpointError, CorruptShardError, LayoutMismatchError
-from zero_ckpt.formats import TORCH_OPTIMIZER_FILE, is_torch_folder
+from zero_ckpt.formats.torch_files.detection import OPTIMIZER_FILE as TORCH_OPTIMIZER_FILE, is_torch_folder
+from zero_ckpt.view import SourceView
 from zero_ckpt.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -82,7 +83,8 @@ from zero_ckpt.manifest import (
     tensor_name,
 )
 from zero_ckpt.safetensors_format import DTYPE_SIZES, SafetensorsHeader, dtype_size
-from zero_ckpt.storage import Location, open_location, prepare_destination
+from zero_ckpt.destination import prepare_destination
+from zero_ckpt.storage import Location, open_location
 
 __all__ = [
     "OPTIMIZER_FILE",
@@ -960,62 +962,57 @@ def import_torch_files(
 # ----- export ------------------------------------------------------------------------------------
 
 
-def _read_flat(
-    loc: Location, manifest: Manifest, headers: Mapping[int, SafetensorsHeader], gi: int, key: str
-) -> torch.Tensor:
-    """The whole unpadded flat tensor ``key`` of group ``gi`` (every rank's real elements),
-    each shard tensor checked against the manifest's per-tensor checksum when it has one."""
+def _read_flat(loc: Location, view: SourceView, gi: int, key: str) -> torch.Tensor:
+    """The whole unpadded flat tensor ``key`` of group ``gi``, read extent by extent, each
+    stored tensor read whole checked against its recorded checksum when the format has one."""
+    manifest = view.manifest
     g = manifest.groups[gi]
     stored = g.dtype_of(key, manifest.master_dtype)
     size = dtype_size(stored)
-    layout = g.layout(manifest.world_size)
-    name = tensor_name(gi, key)
+    recorded = {f.path: f for f in view.files}
     buf = bytearray(g.numel * size)
-    for rank in range(manifest.world_size):
-        lo, hi = layout.real_range(rank)
-        if hi <= lo:
-            continue
-        meta = manifest.shard(rank)
-        url = loc.url_of(meta.path)
-        entry = headers[rank].tensors.get(name)
-        if entry is None or entry.dtype != stored or entry.end - entry.start != (hi - lo) * size:
+    for e in view.extents(gi, key, 0, g.numel):
+        url = loc.url_of(e.file)
+        if e.dtype != stored:
             raise CorruptShardError(
-                f"{url}: tensor {name} is missing or not {hi - lo} elements of {stored}; the shard "
-                "does not match the manifest (run zero-ckpt verify)",
-                path=url, rank=rank,
+                f"{url}: {key} of group {gi} is stored as {e.dtype}, the metadata says {stored}; "
+                "the checkpoint is inconsistent (run zero-ckpt verify)",
+                path=url,
             )
-        view = memoryview(buf)[lo * size : hi * size]
-        loc.read_into(meta.path, entry.start, view)
-        expected = meta.tensors.get(name)
-        if expected and parse_checksum(expected) != crc32c(view):
+        out = memoryview(buf)[e.start * size : e.stop * size]
+        loc.read_into(e.file, e.byte_start, out)
+        meta = recorded.get(e.file)
+        expected = meta.tensors.get(e.tensor) if meta is not None and e.tensor else None
+        if expected and e.tensor_offset == 0 and parse_checksum(expected) != crc32c(out):
             raise CorruptShardError(
-                f"{url}: tensor {name} does not match its checksum in the manifest (corrupted); "
+                f"{url}: tensor {e.tensor} does not match its checksum in the manifest (corrupted); "
                 "run zero-ckpt verify, or restore the shard",
-                path=url, rank=rank,
+                path=url, rank=meta.rank,
             )
     if not buf:
         return torch.empty(0, dtype=_torch_dtype(stored))
     return torch.frombuffer(buf, dtype=_torch_dtype(stored))
 
 
-def _read_model_entries(
-    loc: Location, manifest: Manifest, header: SafetensorsHeader | None
-) -> dict[str, torch.Tensor]:
-    if header is None or manifest.model_file is None:
-        return {}
-    mf = manifest.model_file
+def _read_model_entries(loc: Location, view: SourceView) -> dict[str, torch.Tensor]:
+    recorded = {f.path: f for f in view.files}
     out = {}
-    for entry in sorted(header.tensors.values(), key=lambda e: e.start):
-        data = bytearray(loc.read_range(mf.path, entry.start, entry.end))
-        expected = mf.tensors.get(entry.name)
-        if expected and parse_checksum(expected) != crc32c(data):
-            url = loc.url_of(mf.path)
-            raise CorruptShardError(
-                f"{url}: tensor {entry.name} does not match its checksum (corrupted)", path=url
-            )
-        dtype = _torch_dtype(entry.dtype)
+    for mt in view.model:
+        data = bytearray(mt.nbytes)
+        size = dtype_size(mt.dtype)
+        for e in mt.pieces:
+            piece = memoryview(data)[e.start * size : e.stop * size]
+            loc.read_into(e.file, e.byte_start, piece)
+            meta = recorded.get(e.file)
+            expected = meta.tensors.get(e.tensor) if meta is not None and e.tensor else None
+            if expected and e.tensor_offset == 0 and parse_checksum(expected) != crc32c(piece):
+                url = loc.url_of(e.file)
+                raise CorruptShardError(
+                    f"{url}: tensor {e.tensor} does not match its checksum (corrupted)", path=url
+                )
+        dtype = _torch_dtype(mt.dtype)
         t = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-        out[entry.name] = t.reshape(entry.shape)
+        out[mt.name] = t.reshape(mt.shape)
     return out
 
 
@@ -1072,14 +1069,14 @@ def _restore_initial(states: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_torch_state_dict(
     loc: Location,
-    manifest: Manifest,
-    headers: Mapping[int, SafetensorsHeader],
+    view: SourceView,
     *,
     masters: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The plain torch optimizer state dict of a checkpoint (and, with ``masters``, each
     owned param's master, fp32, by name): see :func:`export_torch`. Reads one group's flat
-    state at a time, checked against the manifest's checksums."""
+    state at a time, checked against the source's checksums where it records them."""
+    manifest = view.manifest
     rec = _torch_record(manifest)
     state: dict[int, dict[str, Any]] = {}
     param_groups: list[dict[str, Any]] = []
@@ -1089,8 +1086,8 @@ def build_torch_state_dict(
         grec = rec["groups"][gi] if rec is not None else None
         names = list(grec["params"]) if grec is not None else [p.name for p in gm.params]
         owned = {p.name: p for p in gm.params}
-        flats = {key: _read_flat(loc, manifest, headers, gi, key) for key in gm.state_keys}
-        master_flat = _read_flat(loc, manifest, headers, gi, "master") if masters else None
+        flats = {key: _read_flat(loc, view, gi, key) for key in gm.state_keys}
+        master_flat = _read_flat(loc, view, gi, "master") if masters else None
         kinds = grec.get("scalar_types", {}) if grec is not None else {}
         per_param_dtypes = grec.get("param_state_dtypes", {}) if grec is not None else {}
         frozen = grec.get("frozen", {}) if grec is not None else {}
@@ -1184,9 +1181,8 @@ def export_torch(
     the model) is materialised in memory; it is built group by group from ranged reads (one
     group's flat state extra at a time) and streamed into the output file.
     """
-    from zero_ckpt.consolidation import ConsolidateResult
-    from zero_ckpt.conversion import check_format, consolidate_source
-    from zero_ckpt.formats import open_source
+    from zero_ckpt.consolidation import ConsolidateResult, consolidate
+    from zero_ckpt.formats.registry import open_view, precheck, resolve
 
     if model_format not in ("safetensors", "pt"):
         raise CheckpointError(f"model_format must be 'safetensors' or 'pt', got {model_format!r}")
@@ -1198,26 +1194,28 @@ def export_torch(
         )
     o_opts = storage_options if out_storage_options is None else out_storage_options
     with open_location(src, storage_options) as s, open_location(out, o_opts) as d:
-        fmt = check_format(s, from_format)
+        fmt = resolve(s, from_format)
         if fmt == "torch":
             raise CheckpointError(
                 f"{src} is already a plain torch checkpoint; convert it to zero-ckpt first "
                 "(zero-ckpt convert --from-format torch)",
                 path=src,
             )
-        opened = open_source(s, fmt)
-        manifest = opened.manifest
+        view = open_view(s, fmt)
+        manifest = view.manifest
         prepare_destination(s, d, overwrite)  # refuse early, before reading everything
-        osd, masters = build_torch_state_dict(s, manifest, opened.headers, masters=model_format == "pt")
+        precheck(s, view)
+        osd, masters = build_torch_state_dict(s, view, masters=model_format == "pt")
         files: list[str] = []
         total = 0
         try:
             if model_format == "safetensors":
-                files += consolidate_source(
-                    src, out, from_format=fmt, dtype=dtype, max_shard_size=max_shard_size,
+                files += consolidate(
+                    src, out, dtype=dtype, max_shard_size=max_shard_size,
                     overwrite=False, progress=progress, storage_options=storage_options,
                     out_storage_options=o_opts, workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
-                )
+                    all_tied_names=True, from_format=fmt,
+                ).files
                 total += sum(d.size(f) for f in files)
             else:
                 model_sd: dict[str, torch.Tensor] = OrderedDict()
@@ -1226,7 +1224,7 @@ def export_torch(
                         t = masters[p.name].to(_torch_dtype(dtype or p.dtype))
                         for n in (p.name, *p.aliases):
                             model_sd[n] = t
-                for name, t in _read_model_entries(s, manifest, opened.model_header).items():
+                for name, t in _read_model_entries(s, view).items():
                     model_sd[name] = t.to(_torch_dtype(dtype)) if dtype and t.is_floating_point() else t
                 del masters
                 total += _save(d, MODEL_PT_FILE, model_sd, fsync)
