@@ -287,7 +287,8 @@ def part_options(f: Any) -> Any:
 
 
 def announce_part(part: Any, quiet: bool) -> Any:
-    """The ``part=`` argument for the library: what the options said, never the environment.
+    """What the options said, never the environment: the ``part=`` argument of
+    ``reshard_part``/``consolidate_part``, or None for the whole job (``reshard``/``consolidate``).
 
     When torchrun's RANK/WORLD_SIZE are set but neither --part nor --distributed was given,
     says on stderr (unless quiet) that the whole job runs here.

@@ -140,8 +140,6 @@ def consolidate(
     """
     import zero_ckpt
 
-    from zero_ckpt.parts import PartResult
-
     opts = cli_options(ctx, storage_options, quiet)
     if model_format is not None and out_format != "torch":
         raise click.UsageError("--model-format applies to --format torch only")
@@ -178,24 +176,18 @@ def consolidate(
                 click.echo(f"  {name}")
         return
     part = announce_part(part, opts.quiet)
-    with progress_bar("consolidate", quiet=opts.quiet) as progress:
-        result = zero_ckpt.consolidate(
-            src,
-            out,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            include_optimizer=include_optimizer,
-            overwrite=overwrite,
-            progress=progress,
-            storage_options=opts.storage_options,
-            workers=workers,
-            part=part,
-            hf_config_from=hf_config_from,
-            all_tied_names=all_tied_names,
-        )
-    if isinstance(result, PartResult):
-        echo_part(result, as_json, "consolidated", src, out, {})
+    job: dict[str, Any] = dict(
+        dtype=dtype, max_shard_size=max_shard_size, include_optimizer=include_optimizer,
+        overwrite=overwrite, storage_options=opts.storage_options, workers=workers,
+        hf_config_from=hf_config_from, all_tied_names=all_tied_names,
+    )
+    if part is not None:
+        with progress_bar("consolidate", quiet=opts.quiet) as progress:
+            part_result = zero_ckpt.consolidate_part(src, out, part=part, progress=progress, **job)
+        echo_part(part_result, as_json, "consolidated", src, out, {})
         return
+    with progress_bar("consolidate", quiet=opts.quiet) as progress:
+        result = zero_ckpt.consolidate(src, out, progress=progress, **job)
     if as_json:
         echo_json(
             {"src": src, "out": out, "files": list(result.files), "total_bytes": result.total_bytes}

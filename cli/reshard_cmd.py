@@ -125,34 +125,28 @@ def reshard(
         raise click.UsageError("--tag applies to --format deepspeed and deepspeed-universal only")
     import zero_ckpt
 
-    from zero_ckpt.parts import PartResult
-
     part = announce_part(part, opts.quiet)
-    with progress_bar("reshard", quiet=opts.quiet) as progress:
-        manifest = zero_ckpt.reshard(
-            src,
-            dst,
-            world_size=to_world_size,
-            expected_world_size=from_world_size,
-            overwrite=overwrite,
-            progress=progress,
-            storage_options=opts.storage_options,
-            workers=workers,
-            part=part,
-        )
-    if isinstance(manifest, PartResult):
+    job: dict[str, Any] = dict(
+        world_size=to_world_size, expected_world_size=from_world_size, overwrite=overwrite,
+        storage_options=opts.storage_options, workers=workers,
+    )
+    if part is not None:
+        with progress_bar("reshard", quiet=opts.quiet) as progress:
+            result = zero_ckpt.reshard_part(src, dst, part=part, progress=progress, **job)
         extra: dict[str, Any] = {}
-        if manifest.manifest is not None:
+        if result.manifest is not None:
             from zero_ckpt.summary import format_bytes
 
-            m = manifest.manifest
+            m = result.manifest
             extra = {
                 "world_size": m.world_size, "shard_count": len(m.shards),
                 "shard_bytes": m.shard_bytes,
                 "summary": f"world size {m.world_size}, {len(m.shards)} shards, {format_bytes(m.shard_bytes)}",
             }
-        echo_part(manifest, as_json, "resharded", src, dst, extra)
+        echo_part(result, as_json, "resharded", src, dst, extra)
         return
+    with progress_bar("reshard", quiet=opts.quiet) as progress:
+        manifest = zero_ckpt.reshard(src, dst, progress=progress, **job)
     if as_json:
         echo_json(
             {

@@ -542,7 +542,7 @@ if os.environ["RANK"] == "1":
         os._exit(3)  # a rank killed after joining the group, before its part is done
     parts._run_local = crash
 try:
-    zero_ckpt.reshard(sys.argv[1], sys.argv[2], world_size=int(sys.argv[3]), part="distributed")
+    zero_ckpt.reshard_part(sys.argv[1], sys.argv[2], world_size=int(sys.argv[3]), part="distributed")
 except Exception as exc:
     print(f"{type(exc).__name__}: {exc}")
     sys.exit(1)

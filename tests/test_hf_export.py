@@ -255,9 +255,9 @@ def test_tied_names_rule(trained) -> None:
 def test_split_consolidate_copies_the_hf_files_at_its_commit(trained, tmp_path: Path) -> None:
     name, model, ckpt, cfg, ref = trained
     out = tmp_path / "out"
-    first = zero_ckpt.consolidate(str(ckpt), str(out), hf_config_from=str(cfg), max_shard_size=20_000, part=(0, 2))
+    first = zero_ckpt.consolidate_part(str(ckpt), str(out), hf_config_from=str(cfg), max_shard_size=20_000, part=(0, 2))
     assert not first.committed and not (out / "config.json").exists()
-    last = zero_ckpt.consolidate(str(ckpt), str(out), hf_config_from=str(cfg), max_shard_size=20_000, part=(1, 2))
+    last = zero_ckpt.consolidate_part(str(ckpt), str(out), hf_config_from=str(cfg), max_shard_size=20_000, part=(1, 2))
     assert last.committed and "config.json" in last.outputs
     loaded, info, records = _load(out)
     _no_key_problems(info, records)

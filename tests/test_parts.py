@@ -1,6 +1,7 @@
-"""Split reshard/consolidate jobs (``part=(i, n)``, ``--part I/N``, torchrun env): the pure
-assignment, byte-identical results in any part order, the commit protocol, destination rules,
-corruption split across parts, and a real two-process run with torchrun's variables."""
+"""Split reshard/consolidate jobs (``reshard_part``/``consolidate_part``, ``--part I/N``,
+torchrun env): the pure assignment, byte-identical results in any part order, the commit
+protocol, destination rules, corruption split across parts, and a real two-process run with
+torchrun's variables."""
 
 from __future__ import annotations
 
@@ -80,8 +81,8 @@ def reference(src, tmp_path_factory) -> dict[str, dict[str, bytes]]:
 
 def run(kind: str, src: str, dst: str, part, **kw):
     if kind == "reshard":
-        return zero_ckpt.reshard(src, dst, world_size=DST_WS, part=part, **kw)
-    return zero_ckpt.consolidate(src, dst, part=part, **CONSOLIDATE_OPTS, **kw)
+        return zero_ckpt.reshard_part(src, dst, world_size=DST_WS, part=part, **kw)
+    return zero_ckpt.consolidate_part(src, dst, part=part, **CONSOLIDATE_OPTS, **kw)
 
 
 def read_out(dst: str) -> dict[str, bytes]:
@@ -151,6 +152,42 @@ def test_part_specs():
 
 
 # ----- split jobs equal unsplit ones ------------------------------------------------------------
+
+
+def test_one_return_type_per_function(src, tmp_path):
+    """reshard/consolidate run the whole job (no ``part``); the ``*_part`` functions run parts."""
+    from typing import get_type_hints
+
+    from zero_ckpt.manifest import Manifest
+
+    hints = {
+        fn.__name__: get_type_hints(fn)["return"]
+        for fn in (zero_ckpt.reshard, zero_ckpt.consolidate, zero_ckpt.reshard_part, zero_ckpt.consolidate_part)
+    }
+    assert hints == {
+        "reshard": Manifest, "consolidate": zero_ckpt.ConsolidateResult,
+        "reshard_part": PartResult, "consolidate_part": PartResult,
+    }
+    with pytest.raises(TypeError, match="part"):
+        zero_ckpt.reshard(src, str(tmp_path / "r"), world_size=DST_WS, part=(0, 1))
+    with pytest.raises(TypeError, match="part"):
+        zero_ckpt.consolidate(src, str(tmp_path / "c"), part=(0, 1))
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+    with pytest.raises(TypeError, match="part"):
+        zero_ckpt.reshard_part(src, str(tmp_path / "r"), world_size=DST_WS)  # part is required
+
+
+@pytest.mark.parametrize("kind", ["reshard", "consolidate"])
+def test_auto_outside_torchrun_runs_the_whole_job_as_part_0_of_1(kind, src, reference, tmp_path):
+    dst = str(tmp_path / "out")
+    result = run(kind, src, dst, "auto")
+    assert isinstance(result, PartResult)
+    assert (result.part, result.parts, result.committed, result.committed_by) == (0, 1, True, 0)
+    assert result.waiting_for == () and sorted(result.outputs) == sorted(reference[kind])
+    if kind == "reshard":
+        assert result.manifest is not None and result.manifest.world_size == DST_WS
+    assert dir_bytes(dst) == reference[kind]
+    assert not (Path(dst) / PARTS_DIR).exists()
 
 
 @pytest.mark.parametrize("backend", ["local", "memory"])
@@ -235,7 +272,7 @@ def test_a_part_of_another_job_is_refused(src, reference, tmp_path):
     run("reshard", src, dst, (0, 2))
     before = dir_bytes(dst)
     others = [
-        lambda: zero_ckpt.reshard(src, dst, world_size=4, part=(1, 2)),  # other target
+        lambda: zero_ckpt.reshard_part(src, dst, world_size=4, part=(1, 2)),  # other target
         lambda: run("reshard", src, dst, (1, 3)),  # other part count
         lambda: run("consolidate", src, dst, (1, 2)),  # other kind
     ]

@@ -1,11 +1,12 @@
 """zero_ckpt: the checkpoint toolkit for ZeRO-partitioned optimizer state (format v1).
 
-Offline jobs (no process group, no GPU): :func:`reshard`, :func:`consolidate`,
+Offline jobs (no process group, no GPU): :func:`reshard`, :func:`consolidate` (one part of
+either, split over processes or hosts: :func:`reshard_part`, :func:`consolidate_part`),
 :func:`verify`, :func:`open_checkpoint`, :func:`write_checkpoint`; from training code:
-:func:`save`, :func:`async_save` and :func:`load` (collectives). Names are imported on first access, so importing
-a pure module such as ``zero_ckpt.manifest`` or ``zero_ckpt.plan`` loads neither torch nor
-fsspec. (Modules are named by nouns, ``resharding``, ``consolidation``, ..., so that importing
-one never replaces the package's function of the same verb.)
+:func:`save`, :func:`async_save` and :func:`load` (collectives). Names are imported on first
+access, so importing a pure module such as ``zero_ckpt.manifest`` or ``zero_ckpt.plan`` loads
+neither torch nor fsspec. (Modules are named by nouns, ``resharding``, ``consolidation``, ...,
+so that importing one never replaces the package's function of the same verb.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ __version__ = "0.1.0"
 # public name -> module it lives in
 _EXPORTS = {
     "reshard": "zero_ckpt.resharding",
+    "reshard_part": "zero_ckpt.resharding",
     "consolidate": "zero_ckpt.consolidation",
+    "consolidate_part": "zero_ckpt.consolidation",
     "ConsolidateResult": "zero_ckpt.consolidation",
     "verify": "zero_ckpt.verification",
     "convert": "zero_ckpt.conversion",

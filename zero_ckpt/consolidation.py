@@ -9,17 +9,19 @@ weights, so ``AutoModelForCausalLM.from_pretrained(out)`` loads the folder as it
 
 Completion: the job claims ``out`` with the marker ``zero-ckpt-incomplete.json`` before it
 writes anything and removes it after the last file (the index) is in place; a folder holding
-the marker is incomplete (see :mod:`zero_ckpt.destination`). With
-``part`` the output files are split over processes or hosts (see :mod:`zero_ckpt.parts`): an
-output file is the unit of work, so use ``max_shard_size`` to get several.
+the marker is incomplete (see :mod:`zero_ckpt.destination`). :func:`consolidate_part` runs
+one part of the job, its output files split over processes or hosts (see
+:mod:`zero_ckpt.parts`): an output file is the unit of work, so use ``max_shard_size`` to get
+several.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from zero_ckpt import __version__
 from zero_ckpt.formats.registry import open_view, precheck
@@ -39,7 +41,7 @@ from zero_ckpt.transfer import (
     run_file_plans,
 )
 
-__all__ = ["consolidate", "ConsolidateResult", "HF_FILES", "tied_names_for"]
+__all__ = ["consolidate", "consolidate_part", "ConsolidateResult", "HF_FILES", "tied_names_for"]
 
 # What a Hugging Face model folder holds besides its weights (config, generation settings,
 # tokenizer and processor files): what ``hf_config_from`` copies when present.
@@ -90,12 +92,11 @@ def consolidate(
     workers: int | None = None,
     chunk_bytes: int | None = None,
     fsync: bool | None = None,
-    part: tuple[int, int] | str | PartSpec | None = None,
     hf_config_from: str | None = None,
     hf_storage_options: dict[str, Any] | None = None,
     all_tied_names: bool = False,
     from_format: str = "auto",
-) -> ConsolidateResult | PartResult:
+) -> ConsolidateResult:
     """Write full tensors of the checkpoint at ``src`` to the directory ``out``.
 
     ``dtype``: output dtype of every param (default: each param's recorded model dtype);
@@ -119,61 +120,102 @@ def consolidate(
     same ``out`` fails at once; an interrupted one leaves ``out/zero-ckpt-incomplete.json``
     (see :mod:`zero_ckpt.destination`).
 
-    ``part``: ``(i, n)`` (or ``"i/n"``) writes only part i of the output files split n ways
-    and returns a :class:`~zero_ckpt.parts.PartResult`; the part that completes the set
-    verifies the pooled source checksums and writes the index/optimizer documents (and copies
-    the Hugging Face files). Until then ``out/_parts/`` marks the output incomplete.
-    ``"auto"``: ``(RANK, WORLD_SIZE)`` under torchrun (a collective; rank 0 commits), else the
-    whole job.
+    To split the job over processes or hosts, use :func:`consolidate_part`.
     """
-    spec = resolve_part(part)
-    o_opts = storage_options if out_storage_options is None else out_storage_options
-    h_opts = storage_options if hf_storage_options is None else hf_storage_options
-    with open_location(src, storage_options) as s, open_location(out, o_opts) as d:
-        hf = _HfFiles.open(hf_config_from, h_opts, d)
-        try:
-            if spec is not None:
-                return run_part(
-                    spec, s, d,
-                    lambda: _part_work(
-                        s, d, dtype, max_shard_size, include_optimizer, spec.parts, hf,
-                        all_tied_names, chunk_bytes, fsync, from_format,
-                    ),
-                    overwrite=overwrite, workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
-                    progress=progress,
+    with _job_locations(src, out, storage_options, out_storage_options, hf_config_from,
+                        hf_storage_options) as (s, d, hf):
+        view, plan = _plan(s, dtype, max_shard_size, include_optimizer, hf, all_tied_names, from_format)
+        check_reads(d, sources=(s,), files=[(s, f.path) for f in view.files])
+        hf.check_reads(d)
+        with claim_destination(d, "consolidate", overwrite):
+            prepare_output(d, overwrite, outputs=hf.outputs, folders=())
+            checks = SourceChecks()
+            tracker = ProgressTracker(progress, sum(op.src_nbytes for f in plan.files for op in f.ops))
+            written = run_file_plans(
+                s, d, plan.files, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
+                checks=checks, fsync=fsync,
+            )
+            copied: list[str] = []
+            try:
+                raise_problems(
+                    checks.problems(s, view.checked_files, view.checks.headers, view.checks.header_crcs),
+                    CorruptShardError,
                 )
-            view, plan = _plan(s, dtype, max_shard_size, include_optimizer, hf, all_tied_names, from_format)
-            check_reads(d, sources=(s,), files=[(s, f.path) for f in view.files])
-            hf.check_reads(d)
-            with claim_destination(d, "consolidate", overwrite):
-                prepare_output(d, overwrite, outputs=hf.outputs, folders=())
-                checks = SourceChecks()
-                tracker = ProgressTracker(progress, sum(op.src_nbytes for f in plan.files for op in f.ops))
-                written = run_file_plans(
-                    s, d, plan.files, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
-                    checks=checks, fsync=fsync,
-                )
-                copied: list[str] = []
-                try:
-                    raise_problems(
-                        checks.problems(s, view.checked_files, view.checks.headers, view.checks.header_crcs),
-                        CorruptShardError,
-                    )
-                    copied = hf.copy_to(d, chunk_bytes, fsync)
-                    for name, data in _documents_in_order(plan.documents):
-                        d.write_atomic(name, data)
-                except BaseException:
-                    for path in [*written, *hf.outputs, *plan.documents]:
-                        d.remove(path)
-                    raise
-        finally:
-            hf.close()
+                copied = hf.copy_to(d, chunk_bytes, fsync)
+                for name, data in _documents_in_order(plan.documents):
+                    d.write_atomic(name, data)
+            except BaseException:
+                for path in [*written, *hf.outputs, *plan.documents]:
+                    d.remove(path)
+                raise
     names = [f.path for f in plan.files] + copied + [n for n, _ in _documents_in_order(plan.documents)]
     total = (
         sum(w.bytes for w in written.values()) + hf.copied_bytes
         + sum(len(b) for b in plan.documents.values())
     )
     return ConsolidateResult(out, names, total)
+
+
+def consolidate_part(
+    src: str,
+    out: str,
+    *,
+    part: tuple[int, int] | str | PartSpec,
+    dtype: str | None = None,
+    max_shard_size: int | None = None,
+    include_optimizer: bool = False,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    storage_options: dict[str, Any] | None = None,
+    out_storage_options: dict[str, Any] | None = None,
+    workers: int | None = None,
+    chunk_bytes: int | None = None,
+    fsync: bool | None = None,
+    hf_config_from: str | None = None,
+    hf_storage_options: dict[str, Any] | None = None,
+    all_tied_names: bool = False,
+    from_format: str = "auto",
+) -> PartResult:
+    """Run one part of :func:`consolidate` (same arguments) split over processes or hosts.
+
+    ``part``: ``(i, n)``, ``"i/n"`` or a :class:`~zero_ckpt.parts.PartSpec` writes only part
+    i of the output files split n ways (no process group); the part that completes the set
+    verifies the pooled source checksums and writes the index/optimizer documents (and
+    copies the Hugging Face files): ``PartResult.committed``, ``PartResult.outputs``. Until
+    then ``out/_parts/`` marks the output incomplete. ``"distributed"``: this process is rank
+    ``RANK`` of a torchrun launch (a collective; rank 0 commits). ``"auto"``:
+    ``"distributed"`` when RANK and WORLD_SIZE are set, else the whole job runs here as part
+    0/1 (the result is committed). See :mod:`zero_ckpt.parts` for the destination rules.
+    """
+    spec = resolve_part(part) or PartSpec(0, 1)  # "auto" outside torchrun: all of it, as 0/1
+    with _job_locations(src, out, storage_options, out_storage_options, hf_config_from,
+                        hf_storage_options) as (s, d, hf):
+        return run_part(
+            spec, s, d,
+            lambda: _part_work(
+                s, d, dtype, max_shard_size, include_optimizer, spec.parts, hf,
+                all_tied_names, chunk_bytes, fsync, from_format,
+            ),
+            overwrite=overwrite, workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
+            progress=progress,
+        )
+
+
+@contextmanager
+def _job_locations(
+    src: str, out: str, storage_options: dict[str, Any] | None,
+    out_storage_options: dict[str, Any] | None, hf_config_from: str | None,
+    hf_storage_options: dict[str, Any] | None,
+) -> Iterator[tuple[Location, Location, "_HfFiles"]]:
+    """The source, ``out`` and the Hugging Face files of a consolidate job, closed after it."""
+    o_opts = storage_options if out_storage_options is None else out_storage_options
+    h_opts = storage_options if hf_storage_options is None else hf_storage_options
+    with open_location(src, storage_options) as s, open_location(out, o_opts) as d:
+        hf = _HfFiles.open(hf_config_from, h_opts, d)
+        try:
+            yield s, d, hf
+        finally:
+            hf.close()
 
 
 def tied_names_for(

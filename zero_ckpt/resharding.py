@@ -3,14 +3,16 @@
 Reshard never changes a byte of state, only where it lives: the source is opened as a
 :class:`~zero_ckpt.view.SourceView` (any registered format) and every shard of the result is
 cut from its byte ranges by :func:`zero_ckpt.plan.plan_reshard`, then written by the format-v1
-writer. With ``part`` the job is split over processes or hosts (see :mod:`zero_ckpt.parts`);
-the last part writes the manifest.
+writer. :func:`reshard` runs the whole job and returns the new manifest; :func:`reshard_part`
+runs one part of the job split over processes or hosts (see :mod:`zero_ckpt.parts`) and
+returns a :class:`~zero_ckpt.parts.PartResult`; the last part writes the manifest.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from zero_ckpt.errors import LayoutMismatchError
 from zero_ckpt.formats.registry import open_view, precheck
@@ -22,7 +24,7 @@ from zero_ckpt.storage import Location, open_location
 from zero_ckpt.transfer import ProgressFn, WrittenFile, load_manifest
 from zero_ckpt.view import SourceView
 
-__all__ = ["reshard", "check_expected_world_size"]
+__all__ = ["reshard", "reshard_part", "check_expected_world_size"]
 
 
 def reshard(
@@ -38,9 +40,8 @@ def reshard(
     workers: int | None = None,
     chunk_bytes: int | None = None,
     fsync: bool | None = None,
-    part: tuple[int, int] | str | PartSpec | None = None,
     from_format: str = "auto",
-) -> Manifest | PartResult:
+) -> Manifest:
     """Write the checkpoint at ``src`` to ``dst`` with ``world_size`` shards; returns its manifest.
 
     ``src`` may be in any registered format (format v1, DeepSpeed ZeRO-1/2, PyTorch DCP; see
@@ -51,33 +52,67 @@ def reshard(
     left without ``manifest.json`` and without the files this call wrote.
     ``progress(done_bytes, total_bytes)`` is called as data moves.
 
-    ``part``: ``(i, n)`` (or ``"i/n"``) runs only part i of the job split n ways and returns a
-    :class:`~zero_ckpt.parts.PartResult`; the part that completes the set writes the
-    manifest (``PartResult.manifest``). ``"auto"``: ``(RANK, WORLD_SIZE)`` under torchrun,
-    a collective over a gloo group that rank 0 commits (every rank must call it), else the
-    whole job. See :mod:`zero_ckpt.parts` for the destination and overwrite rules.
+    To split the job over processes or hosts, use :func:`reshard_part`.
     """
-    if world_size < 1:
-        raise LayoutMismatchError(f"target world size must be at least 1, got {world_size}")
-    spec = resolve_part(part)
-    with open_location(src, storage_options) as s, open_location(
-        dst, storage_options if dst_storage_options is None else dst_storage_options
-    ) as d:
-        if spec is not None:
-            result = run_part(
-                spec, s, d,
-                lambda: _part_work(s, d, world_size, expected_world_size, spec.parts, from_format, src),
-                overwrite=overwrite, workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
-                progress=progress,
-            )
-            if result.committed:
-                result = replace(result, manifest=load_manifest(d))
-            return result
+    with _locations(src, dst, world_size, storage_options, dst_storage_options) as (s, d):
         view = _open(s, expected_world_size, from_format)
         return write_view(
             s, d, view, world_size=world_size, overwrite=overwrite, progress=progress,
             workers=workers, chunk_bytes=chunk_bytes, fsync=fsync, src_url=src,
         )
+
+
+def reshard_part(
+    src: str,
+    dst: str,
+    *,
+    world_size: int,
+    part: tuple[int, int] | str | PartSpec,
+    expected_world_size: int | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    storage_options: dict[str, Any] | None = None,
+    dst_storage_options: dict[str, Any] | None = None,
+    workers: int | None = None,
+    chunk_bytes: int | None = None,
+    fsync: bool | None = None,
+    from_format: str = "auto",
+) -> PartResult:
+    """Run one part of :func:`reshard` (same arguments) split over processes or hosts.
+
+    ``part``: ``(i, n)``, ``"i/n"`` or a :class:`~zero_ckpt.parts.PartSpec` runs only part i
+    of the job split n ways (no process group); the part that completes the set writes the
+    manifest (``PartResult.committed``, ``PartResult.manifest``); the others return with
+    ``waiting_for``. ``"distributed"``: this process is rank ``RANK`` of a torchrun launch
+    (a collective over a gloo group that rank 0 commits: every rank must call it).
+    ``"auto"``: ``"distributed"`` when RANK and WORLD_SIZE are set, else the whole job runs
+    here as part 0/1 (the result is committed and carries the manifest). See
+    :mod:`zero_ckpt.parts` for the destination, overwrite and resume rules.
+    """
+    spec = resolve_part(part) or PartSpec(0, 1)  # "auto" outside torchrun: all of it, as 0/1
+    with _locations(src, dst, world_size, storage_options, dst_storage_options) as (s, d):
+        result = run_part(
+            spec, s, d,
+            lambda: _part_work(s, d, world_size, expected_world_size, spec.parts, from_format, src),
+            overwrite=overwrite, workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
+            progress=progress,
+        )
+        if result.committed:
+            result = replace(result, manifest=load_manifest(d))
+        return result
+
+
+@contextmanager
+def _locations(
+    src: str, dst: str, world_size: int, storage_options: dict[str, Any] | None,
+    dst_storage_options: dict[str, Any] | None,
+) -> Iterator[tuple[Location, Location]]:
+    if world_size < 1:
+        raise LayoutMismatchError(f"target world size must be at least 1, got {world_size}")
+    with open_location(src, storage_options) as s, open_location(
+        dst, storage_options if dst_storage_options is None else dst_storage_options
+    ) as d:
+        yield s, d
 
 
 def check_expected_world_size(view: SourceView, expected: int | None) -> None:
