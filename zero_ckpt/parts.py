@@ -217,7 +217,7 @@ _GROUP_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def resolve_part(part: Any, env: Mapping[str, str] | None = None) -> PartSpec | None:
-    """The ``part=`` argument of reshard/consolidate as a PartSpec, or None for the whole job.
+    """The ``part=`` argument of ``reshard_part``/``consolidate_part`` as a PartSpec, or None for the whole job.
 
     ``None``: the whole job in this process (whatever the environment holds); ``(i, n)``,
     ``"i/n"`` or a PartSpec: that part, committed by whichever part finishes last (no process
@@ -363,7 +363,7 @@ def _record_of(job: PartJob, index: int, written: Sequence[WrittenFile], checks:
 
 @dataclass(frozen=True)
 class PartWork:
-    """A job's plan as reshard/consolidate hand it to :func:`run_part`.
+    """A job's plan as ``reshard_part``/``consolidate_part`` hand it to :func:`run_part`.
 
     ``files``: the whole plan's output files; ``commit_outputs``: names written at commit
     (``manifest.json``, documents); ``source_files``/``source_headers`` (by path)/
