@@ -70,10 +70,22 @@ import torch
 from zero_ckpt.checksum import crc32c, parse_checksum
 from zero_ckpt.errors import CheckpointError, CorruptShardError, LayoutMismatchError
 from zero_ckpt.formats.torch_files.detection import OPTIMIZER_FILE as TORCH_OPTIMIZER_FILE, is_torch_folder
+from zero_ckpt.formats.torch_files.names import (
+    MODEL_KEYS as _MODEL_KEYS,
+    MODEL_PT_FILE,
+    NAMES_HOWTO as _NAMES_HOWTO,
+    OPTIMIZER_KEYS as _OPTIMIZER_KEYS,
+    PARAM_NAMES_FILE,
+    TorchStateDictError,
+    check_optimizer_state as _check_optimizer_state,
+    first_entry as _first_entry,
+    read_names as _read_names,
+    resolve_names,
+    split_url as _split_url,
+)
 from zero_ckpt.view import SourceView
 from zero_ckpt.manifest import (
     MANIFEST_NAME,
-    MAX_MANIFEST_BYTES,
     MODEL_FILE_NAME,
     FileMeta,
     GroupMeta,
@@ -100,30 +112,15 @@ __all__ = [
 ]
 
 OPTIMIZER_FILE = TORCH_OPTIMIZER_FILE
-MODEL_PT_FILE = "model.pt"
-PARAM_NAMES_FILE = "param_names.json"
 #: ``manifest.extra`` key of what the torch round trip needs beyond the v1 fields.
 EXTRA_KEY = "torch_optimizer"
 _EXTRA_VERSION = 1
 _VERSION = "0.1.0"
-_OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim")
-_MODEL_KEYS = ("model", "model_state_dict", "state_dict")
 # State keys that are scalars even where every param is 0-d (so shapes cannot tell).
 _SCALAR_STATE_KEYS = {"step", "eta", "mu"}
 # Hyperparameters torch keeps as tuples, for checkpoints without the record (ZeroOptimizer's).
 _TUPLE_HYPERPARAMS = {"betas", "etas", "step_sizes"}
 _FLOATS = ("float64", "float32", "bfloat16", "float16")
-_NAMES_HOWTO = (
-    "pass param_names= (a list of names in id order, one list per param group, or the model "
-    "itself when the optimizer was built from model.parameters()), or put a param_names.json "
-    "next to optimizer.pt (zero-ckpt convert --param-names FILE), or build the optimizer from "
-    "model.named_parameters() so that its state dict carries the names"
-)
-
-
-class TorchStateDictError(CheckpointError, ValueError):
-    """A torch optimizer or model state dict that format v1 cannot hold as given; the message
-    names the param, key or value and the fix."""
 
 
 # ----- small helpers -----------------------------------------------------------------------------
@@ -169,128 +166,18 @@ def _storage_key(t: torch.Tensor) -> tuple | None:
 # ----- reading the input -------------------------------------------------------------------------
 
 
-def _check_optimizer_state(osd: Any, what: str) -> tuple[dict, list[dict]]:
-    if not isinstance(osd, Mapping) or "param_groups" not in osd or "state" not in osd:
-        hint = ""
-        if isinstance(osd, Mapping) and "zero_optimizer" in osd:
-            hint = (
-                " (this is a ZeroOptimizer.state_dict() shard: use consolidate_state_dict() for a "
-                "plain one, or save with zero_ckpt.save)"
-            )
-        raise TorchStateDictError(
-            f"{what} is not a torch optimizer state dict: expected a dict with 'state' and "
-            f"'param_groups' (what optimizer.state_dict() returns){hint}"
-        )
-    state, groups = osd["state"], osd["param_groups"]
-    if not isinstance(state, Mapping) or not isinstance(groups, (list, tuple)) or not groups:
-        raise TorchStateDictError(
-            f"{what}: 'state' must be a dict and 'param_groups' a non-empty list, as "
-            "optimizer.state_dict() returns them"
-        )
-    out_state: dict[int, Any] = {}
-    for k, v in state.items():
-        key = int(k) if isinstance(k, str) and k.isdigit() else k
-        if isinstance(key, bool) or not isinstance(key, int):
-            raise TorchStateDictError(f"{what}: state key {k!r} is not an integer param id")
-        if not isinstance(v, Mapping):
-            raise TorchStateDictError(
-                f"{what}: state of param id {key} is a {type(v).__name__}, not a dict"
-            )
-        out_state[key] = v
-    seen: set[int] = set()
-    for gi, g in enumerate(groups):
-        ids = g.get("params") if isinstance(g, Mapping) else None
-        if not isinstance(ids, (list, tuple)) or any(
-            isinstance(i, bool) or not isinstance(i, int) for i in ids
-        ):
-            raise TorchStateDictError(
-                f"{what}: param_groups[{gi}] has no 'params' list of integer ids; is this a state "
-                "dict of a torch optimizer?"
-            )
-        dup = seen.intersection(ids)
-        if dup or len(set(ids)) != len(ids):
-            raise TorchStateDictError(
-                f"{what}: param id(s) {sorted(dup) or ids} appear more than once in param_groups"
-            )
-        seen.update(ids)
-    orphans = sorted(set(out_state) - seen)
-    if orphans:
-        raise TorchStateDictError(
-            f"{what}: state holds param id(s) {orphans[:5]} that no param group lists; the state "
-            "dict is inconsistent"
-        )
-    return out_state, [dict(g) for g in groups]
-
-
-def _names_from_arg(param_names: Any, groups: list[dict]) -> list[list[str]] | None:
-    sizes = [len(g["params"]) for g in groups]
-    if param_names is None:
-        return None
+def _resolve_names(param_names: Any, groups: list[dict]) -> list[list[str]]:
     if isinstance(param_names, torch.nn.Module):
         flat = [n for n, _ in param_names.named_parameters()]
-        if len(flat) != sum(sizes):
+        total = sum(len(g["params"]) for g in groups)
+        if len(flat) != total:
             raise TorchStateDictError(
                 f"the model has {len(flat)} parameters but the optimizer's param groups list "
-                f"{sum(sizes)} params: its named_parameters() order cannot be the id order; "
+                f"{total} params: its named_parameters() order cannot be the id order; "
                 "pass param_names as a list of names in id order instead"
             )
         param_names = flat
-    if isinstance(param_names, (str, bytes)) or not isinstance(param_names, Sequence):
-        raise TorchStateDictError(
-            f"param_names must be a list of names (or one list per param group), got "
-            f"{type(param_names).__name__}"
-        )
-    items = list(param_names)
-    if items and all(isinstance(x, (list, tuple)) for x in items):
-        per_group = [list(x) for x in items]
-        if [len(x) for x in per_group] != sizes:
-            raise TorchStateDictError(
-                f"param_names gives {[len(x) for x in per_group]} names per group, the "
-                f"optimizer's groups hold {sizes} params"
-            )
-    else:
-        if len(items) != sum(sizes):
-            raise TorchStateDictError(
-                f"param_names has {len(items)} names, the optimizer's param groups list "
-                f"{sum(sizes)} params (one name per entry of every group's 'params', in order)"
-            )
-        per_group, start = [], 0
-        for n in sizes:
-            per_group.append(items[start : start + n])
-            start += n
-    if any(not isinstance(n, str) or not n for g in per_group for n in g):
-        raise TorchStateDictError("param_names must hold non-empty strings only")
-    return per_group
-
-
-def _resolve_names(param_names: Any, groups: list[dict]) -> list[list[str]]:
-    given = _names_from_arg(param_names, groups)
-    recorded = None
-    if all(isinstance(g.get("param_names"), (list, tuple)) for g in groups):
-        recorded = [list(g["param_names"]) for g in groups]
-        if [len(r) for r in recorded] != [len(g["params"]) for g in groups]:
-            raise TorchStateDictError(
-                "the state dict's param_names lists do not match its params lists in length; "
-                "the state dict is inconsistent"
-            )
-    if given is not None and recorded is not None and given != recorded:
-        gi = next(i for i, (a, b) in enumerate(zip(given, recorded)) if a != b)
-        raise TorchStateDictError(
-            f"param_names given for group {gi} differ from the names the state dict records "
-            f"({given[gi][:3]}... vs {recorded[gi][:3]}...); drop param_names to use the "
-            "recorded ones"
-        )
-    names = given if given is not None else recorded
-    if names is None:
-        raise TorchStateDictError(
-            f"the optimizer state dict names no parameters (torch keys them by integer id), and "
-            f"the model state dict's order is ambiguous (buffers interleave); {_NAMES_HOWTO}"
-        )
-    flat = [n for g in names for n in g]
-    if len(set(flat)) != len(flat):
-        dup = sorted({n for n in flat if flat.count(n) > 1})
-        raise TorchStateDictError(f"param name(s) {dup[:5]} appear more than once in param_names")
-    return names
+    return resolve_names(param_names, groups)
 
 
 def _model_tensors(model_state: Any) -> dict[str, torch.Tensor]:
@@ -768,17 +655,6 @@ def import_torch(
 # ----- the file convention -----------------------------------------------------------------------
 
 
-def _split_url(url: str) -> tuple[str, str]:
-    """``.../dir/file.pt`` -> (``.../dir``, ``file.pt``) without mangling ``s3://`` (URLs stay
-    strings: ``Path`` would collapse the ``//``)."""
-    head, sep, tail = url.rstrip("/").rpartition("/")
-    if not sep:
-        return ".", tail
-    if not head or head.endswith(":/"):  # "/x.pt", "memory://x.pt"
-        return head + "/", tail
-    return head, tail
-
-
 def _torch_load(loc: Location, rel: str) -> Any:
     url = loc.url_of(rel)
     loc.size(rel)  # MissingShardError naming the URL
@@ -835,24 +711,6 @@ def _load_model_file(loc: Location, rel: str) -> dict[str, torch.Tensor]:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             return dict(obj[key])
     return obj
-
-
-def _read_names(loc: Location, rel: str) -> Any:
-    url = loc.url_of(rel)
-    try:
-        # A list of names: never larger than a manifest (refused before it is read).
-        names = json.loads(loc.read_bytes(rel, max_bytes=MAX_MANIFEST_BYTES))
-    except (ValueError, RecursionError) as exc:
-        raise TorchStateDictError(f"{url}: not valid JSON ({str(exc)[:200]})", path=url) from None
-    if not isinstance(names, list):
-        raise TorchStateDictError(
-            f"{url}: expected a JSON list of names in id order (or one list per param group)", path=url
-        )
-    return names
-
-
-def _first_entry(obj: Mapping, keys: Sequence[str]) -> Any:
-    return next((obj[k] for k in keys if isinstance(obj.get(k), Mapping)), None)
 
 
 def _open_sources(
