@@ -23,8 +23,9 @@ def verify(
     header and checksum compared with the manifest. Prints each problem, naming the file;
     exits 1 if there is any, else prints "OK: N files, B bytes verified".
 
-    A DeepSpeed ZeRO-1/2 folder has no checksums of its own: its files' structure, sizes and
-    layout are cross-checked and every byte is read and compared with the CRC-32 that
+    PATH may be in any format zero-ckpt reads. DeepSpeed ZeRO-1/2 folders, PyTorch DCP
+    checkpoints and plain torch files have no checksums of their own: their structure, sizes
+    and layout are cross-checked and every byte is read and compared with the CRC-32 that
     torch.save's zip format stores per record; the OK line says so.
 
     \b
@@ -69,11 +70,12 @@ def verify(
             click.echo(str(problem))
         for note in report.notes:
             click.echo(f"note: {note}")
+        name = _FORMAT_NAMES.get(report.format, report.format)
         if report.ok and report.method == ZIP_CRC32:
             click.echo(
                 f"OK: {report.files_checked} files, {report.bytes_checked} bytes read and "
-                "verified against their zip CRC-32s (DeepSpeed checkpoint: structure and sizes "
-                "cross-checked; DeepSpeed records no checksums of its own)"
+                f"verified against their zip CRC-32s ({name} checkpoint: structure and sizes "
+                f"cross-checked; {name} records no checksums of its own)"
             )
         elif report.ok:
             click.echo(f"OK: {report.files_checked} files, {report.bytes_checked} bytes verified")
@@ -82,3 +84,6 @@ def verify(
             click.echo(f"FAILED: {n} problem{'s' if n != 1 else ''} in {path}", err=True)
     if not report.ok:
         ctx.exit(1)
+
+
+_FORMAT_NAMES = {"deepspeed": "DeepSpeed", "dcp": "PyTorch DCP", "torch": "plain torch"}
