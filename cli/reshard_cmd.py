@@ -181,18 +181,15 @@ def _reshard_deepspeed(
     opts: Any,
 ) -> None:
     """``--format deepspeed`` / ``deepspeed-universal``: one library call, then print."""
-    from zero_ckpt.formats.deepspeed_writer import write_deepspeed, write_deepspeed_universal
+    import zero_ckpt
     from zero_ckpt.summary import format_bytes
 
     with progress_bar("reshard", quiet=opts.quiet) as progress:
-        common = dict(
-            tag=tag, expected_world_size=from_world_size, overwrite=overwrite, progress=progress,
+        result = zero_ckpt.convert(
+            src, dst, to_format=out_format, world_size=to_world_size, tag=tag,
+            expected_world_size=from_world_size, overwrite=overwrite, progress=progress,
             storage_options=opts.storage_options, workers=workers,
         )
-        if out_format == "deepspeed":
-            result = write_deepspeed(src, dst, world_size=to_world_size, **common)  # type: ignore[arg-type]
-        else:
-            result = write_deepspeed_universal(src, dst, **common)
     if as_json:
         echo_json(
             {

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 import zero_ckpt
 from zero_ckpt.conversion import consolidate_source, convert
 from zero_ckpt.errors import CheckpointError, IncompleteCheckpointError, MissingShardError
-from zero_ckpt.formats import detect_format, open_source
-from zero_ckpt.formats.deepspeed import DeepSpeedFormatError, open_deepspeed
+from zero_ckpt.formats import detect_format, open_view
+from zero_ckpt.formats.deepspeed.reading import DeepSpeedFormatError, open_deepspeed
 from zero_ckpt.formats.torch_zip import UnsafePickleError
 from zero_ckpt.storage import open_location
 
@@ -291,20 +291,29 @@ def test_detect_format(tmp_path: Path) -> None:
 
 
 def test_open_source_handles_both_formats() -> None:
+    """Both per-rank formats open as views through the registry, with the manifests their own
+    readers give: DeepSpeed's (no checksums, module-only tensors in the model states file) and
+    format v1's (every shard and the model file checksummed)."""
+    from zero_ckpt.opening import load_manifest
+
     with open_location(_ckpt("z1_fp32_dp4")) as loc:
-        src = open_source(loc)
-        assert src.manifest.world_size == 4 and src.header_crcs == {} and src.model_header is not None
-        assert set(src.headers) == {0, 1, 2, 3}
+        view = open_view(loc)
+        assert view.format == "deepspeed" and view.manifest == open_deepspeed(_ckpt("z1_fp32_dp4")).manifest
+        assert view.manifest.world_size == 4 and view.checks.header_crcs == {} and view.checked_files == ()
+        assert view.model and view.manifest.model_file is not None
+        assert {e.file for k, pieces in view.state.items() for e in pieces} == {s.path for s in view.manifest.shards}
     with open_location(str(ROOT / "fixtures" / "dp8")) as loc:
-        src = open_source(loc)
-        assert src.manifest.world_size == 8 and len(src.header_crcs) == 9
+        view = open_view(loc)
+        assert view.format == "zero-ckpt" and view.manifest == load_manifest(loc)
+        assert view.manifest.world_size == 8 and len(view.checks.header_crcs) == 9
+        assert len(view.checked_files) == 9
 
 
 def test_reading_imports_no_deepspeed_and_runs_nothing() -> None:
     code = (
         "import sys\n"
         "from zero_ckpt.conversion import consolidate_source\n"
-        "from zero_ckpt.formats.deepspeed import open_deepspeed\n"
+        "from zero_ckpt.formats.deepspeed.reading import open_deepspeed\n"
         f"open_deepspeed({_ckpt('z1_bf16_dp2')!r})\n"
         "bad = [m for m in sys.modules if m.split('.')[0] == 'deepspeed']\n"
         "print('OK' if not bad else bad)\n"

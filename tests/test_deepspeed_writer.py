@@ -35,8 +35,8 @@ from safetensors.torch import load_file
 
 from zero_ckpt.conversion import consolidate_source, convert
 from zero_ckpt.errors import CheckpointError, CorruptShardError, DestinationExistsError, LayoutMismatchError
-from zero_ckpt.formats.deepspeed import open_deepspeed
-from zero_ckpt.formats.deepspeed_writer import (
+from zero_ckpt.formats.deepspeed.reading import open_deepspeed
+from zero_ckpt.formats.deepspeed.writing import (
     DeepSpeedWriteError,
     write_deepspeed,
     write_deepspeed_universal,
@@ -260,7 +260,7 @@ def test_resharding_there_and_back_gives_the_original_files(name: str, via: list
 def test_progress_and_large_archives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Progress counts every source byte read; records and offsets past 4 GiB take zip64 fields
     (the threshold lowered here so that small files need them), which torch and zipfile read."""
-    import zero_ckpt.formats.deepspeed_writer as writer
+    import zero_ckpt.formats.deepspeed.writing as writer
 
     monkeypatch.setattr(writer, "_ZIP64_LIMIT", 200)
     calls: list[tuple[int, int]] = []
@@ -276,6 +276,36 @@ def test_progress_and_large_archives(tmp_path: Path, monkeypatch: pytest.MonkeyP
     write_deepspeed(str(tmp_path / "out"), str(tmp_path / "back"), world_size=2)
     monkeypatch.undo()
     assert _compare_runs(tmp_path / "back", _ckpt("z2_bf16_dp2"), values=True) == []
+
+
+def test_a_dcp_checkpoint_converts_to_deepspeed(tmp_path: Path) -> None:
+    """Any view is a source: a real FSDP2 DCP checkpoint (2 ranks) written as a DeepSpeed ZeRO
+    run folder at 3 ranks reads back (zero-ckpt's own DeepSpeed reader, through the registry)
+    with every param, Adam state, buffer and the step count the DCP's, bit for bit."""
+    from _dcp_fsdp2 import save_fsdp2_checkpoint
+
+    from zero_ckpt.formats.registry import open_view
+
+    dcp = tmp_path / "dcp"
+    save_fsdp2_checkpoint(str(dcp), 2)
+    out = tmp_path / "ds"
+    result = convert(str(dcp), str(out), to_format="deepspeed", world_size=3)
+    assert result.format == "deepspeed" and result.world_size == 3 and result.files[-1] == "latest"
+    assert (out / "latest").read_text() == result.tag and result.tag.startswith("global_step")
+    with open_location(str(dcp)) as loc:
+        src = open_view(loc)
+    with open_location(str(out)) as loc:
+        back = open_view(loc)
+    assert back.format == "deepspeed" and back.manifest.world_size == 3 and len(back.manifest.shards) == 3
+    assert [[p.name for p in g.params] for g in back.manifest.groups] == [
+        [p.name for p in g.params] for g in src.manifest.groups
+    ]
+    assert [g.scalars for g in back.manifest.groups] == [g.scalars for g in src.manifest.groups]
+    assert sorted(t.name for t in back.model) == sorted(t.name for t in src.model)
+    for which in ("dcp", "ds"):
+        consolidate_source(str(tmp_path / which), str(tmp_path / f"{which}-full"), include_optimizer=True)
+    for f in ("model.safetensors", "optimizer.safetensors"):
+        _assert_equal_tensors(load_file(str(tmp_path / "ds-full" / f)), load_file(str(tmp_path / "dcp-full" / f)))
 
 
 def test_object_store_destination(tmp_path: Path, shared_tmp: Path) -> None:
@@ -426,7 +456,7 @@ def test_refusals_leave_the_destination_alone(tmp_path: Path) -> None:
 def test_writing_imports_no_deepspeed(tmp_path: Path) -> None:
     code = (
         "import sys\n"
-        "from zero_ckpt.formats.deepspeed_writer import write_deepspeed, write_deepspeed_universal\n"
+        "from zero_ckpt.formats.deepspeed.writing import write_deepspeed, write_deepspeed_universal\n"
         f"write_deepspeed({_ckpt('z2_bf16_dp2')!r}, {str(tmp_path / 'a')!r}, world_size=3)\n"
         f"write_deepspeed_universal({_ckpt('z2_bf16_dp2')!r}, {str(tmp_path / 'b')!r})\n"
         "bad = [m for m in sys.modules if m.split('.')[0] == 'deepspeed']\n"

@@ -179,7 +179,7 @@ def test_parallel_tasks_and_crc_file_in_one_run(src_dir: Path, tmp_path: Path, m
 
 
 def test_torch_zip_archive_from_segments(src_dir: Path, dst_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from zero_ckpt.formats import deepspeed_writer as w
+    from zero_ckpt.formats.deepspeed import writing as w
 
     values = _values(src_dir)
     copied = w._tensor("float32", (10, 20), [w._Copy("values.bin", 8 + 400, 800)])

@@ -50,6 +50,8 @@ def convert(
     fsync: bool | None = None,
     model: str | None = None,
     param_names: Any = None,
+    tag: str | None = None,
+    expected_world_size: int | None = None,
 ) -> WriteResult:
     """Write the checkpoint at ``src`` to ``dst`` in ``to_format``; returns what was written
     (``.manifest``: the new manifest when ``to_format`` is format v1).
@@ -63,7 +65,9 @@ def convert(
     or ``"dcp"``. ``world_size``: data-parallel size of the result (default: the source's;
     1 for a plain torch source). ``model``/``param_names``: torch sources only: the model state
     dict file and the param names (a list, or the URL of a JSON list) when the source lacks
-    them. The target's completion marker is written last, and on any error ``dst`` keeps
+    them. ``tag``: the tag folder of a DeepSpeed target (default: the source's, else
+    ``global_step<N>``). ``expected_world_size``: refused unless the source was saved at that
+    size (None: any). The target's completion marker is written last, and on any error ``dst`` keeps
     nothing this call wrote. Sources without checksums give a result whose checksums are those
     of the bytes read.
     """
@@ -102,12 +106,16 @@ def convert(
                     ))
         write = writer_for(to_format)
         view = module.open_view(s)
+        if expected_world_size is not None:
+            from zero_ckpt.resharding import check_expected_world_size
+
+            check_expected_world_size(view, expected_world_size)
         precheck(s, view)
         with open_location(dst, d_opts) as d:
             return _result(d, write(
                 s, d, view, world_size=world_size or view.manifest.world_size,
                 overwrite=overwrite, progress=progress, workers=workers,
-                chunk_bytes=chunk_bytes, fsync=fsync, src_url=src,
+                chunk_bytes=chunk_bytes, fsync=fsync, src_url=src, tag=tag,
             ))
 
 

@@ -15,7 +15,8 @@ Each line names a format and the package that implements it. A format package ex
 * optionally ``import_source(src, dst, **options) -> Manifest``: for sources with no byte
   layout to stream from (a plain torch state dict), write format v1 directly;
 * optionally ``WRITER``: ``"module:function"`` of a writer taking a :class:`SourceView`
-  (``convert --to-format NAME``).
+  (``convert --to-format NAME``), and ``WRITERS``: ``{target: "module:function"}`` for further
+  targets the package writes (``deepspeed-universal``).
 
 ``detect`` is tried in registry order; the first that says yes wins. Adding a format is a new
 package under ``zero_ckpt/formats/`` and one line in :data:`REGISTRY` (a test holds that).
@@ -137,14 +138,29 @@ def precheck(loc: Location, view: SourceView) -> None:
         check(loc, view)
 
 
+def _writer_specs() -> dict[str, str]:
+    """Every writable target: each format's ``WRITER`` under its own name, plus the extra
+    targets a package offers in ``WRITERS`` (``{target name: "module:function"}``)."""
+    specs: dict[str, str] = {}
+    for e in REGISTRY:
+        module = importlib.import_module(e.package)
+        if getattr(module, "WRITER", None):
+            specs[e.name] = module.WRITER
+        for name, spec in (getattr(module, "WRITERS", None) or {}).items():
+            specs.setdefault(name, spec)
+    return specs
+
+
 def writer_for(to_format: str) -> Any:
-    """The writer function of ``to_format`` (``convert --to-format``)."""
-    module = format_module(to_format, "target")
-    spec = getattr(module, "WRITER", None)
+    """The writer function of ``to_format`` (``convert --to-format``): a format's ``WRITER``,
+    or an extra target a registered package lists in ``WRITERS``."""
+    specs = _writer_specs()
+    spec = specs.get(to_format)
     if spec is None:
+        if to_format not in format_names():
+            format_module(to_format, "target")  # unknown name: CheckpointError naming the formats
         raise CheckpointError(
-            f"zero-ckpt cannot write the {to_format!r} format; writable formats: "
-            f"{', '.join(n for n in format_names() if getattr(format_module(n), 'WRITER', None))}"
+            f"zero-ckpt cannot write the {to_format!r} format; writable formats: {', '.join(specs)}"
         )
     mod, _, fn = spec.partition(":")
     return getattr(importlib.import_module(mod), fn)

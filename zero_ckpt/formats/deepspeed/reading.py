@@ -900,18 +900,10 @@ def verify_deepspeed_files(loc: Location, view: DeepSpeedView) -> int:
     return sum(verify_record_crcs(loc, rel) for rel in files)
 
 
-# ----- the registry's entry points ----------------------------------------------------------------
-
-NAME = "deepspeed"
-WRITER = "zero_ckpt.formats.deepspeed_writer:write_view"
+# ----- what the registry's entry points (the package's ``__init__``) run ----------------------------
 
 
-def detect(loc: Location) -> bool:
-    """A DeepSpeed run folder (``latest``) or ``global_stepN`` folder of ZeRO-1/2 files."""
-    return not loc.is_file() and loc.exists() and is_deepspeed_checkpoint(loc)
-
-
-def open_view(loc: Location) -> "SourceView":
+def source_view(loc: Location) -> "SourceView":
     """The DeepSpeed checkpoint at ``loc`` as a source view: rank r's optim file holds the real
     elements of its partition (one extent per rank and key), the model states file the
     module-only tensors. DeepSpeed records no checksums (see :func:`precheck`)."""
@@ -924,7 +916,7 @@ def open_view(loc: Location) -> "SourceView":
         if manifest.model_file is not None else ()
     )
     return SourceView(
-        format=NAME,
+        format="deepspeed",
         url=loc.url,
         manifest=manifest,
         state=rank_extents(manifest, view.headers),
@@ -933,13 +925,13 @@ def open_view(loc: Location) -> "SourceView":
     )
 
 
-def precheck(loc: Location, view: "SourceView") -> None:
+def precheck_files(loc: Location) -> None:
     """DeepSpeed records no checksums: its files are checked against their zip CRC-32s before
     anything is written, so a damaged source never shapes an output."""
     verify_deepspeed_files(loc, read_deepspeed(loc))
 
 
-def verify(loc: Location, report: Any, chunk: int, progress: Any, workers: int | None = None) -> Any:
+def verify_checkpoint(loc: Location, report: Any, chunk: int, progress: Any) -> Any:
     """DeepSpeed records no checksums: check the structure (reading the view checks every
     file is present, parses, agrees with the others and locates each range inside its file),
     then read every byte of every file once and compare each zip record with the CRC-32 the

@@ -1,8 +1,9 @@
 """Writing DeepSpeed ZeRO-1/2 checkpoints at any data-parallel size, and DeepSpeed's universal layout.
 
-:func:`write_deepspeed` takes a format-v1 checkpoint or a DeepSpeed ZeRO-1/2 checkpoint (any
-size) and writes the folder DeepSpeed itself would have saved had the run used ``world_size``
-data-parallel ranks::
+:func:`write_view` (the registry's writer of ``deepspeed``; :func:`write_deepspeed` is its URL-level
+form) takes a :class:`~zero_ckpt.view.SourceView` of any format (format v1, DeepSpeed ZeRO-1/2 at
+any size, PyTorch DCP, a plug-in's) and writes the folder DeepSpeed itself would have saved had
+the run used ``world_size`` data-parallel ranks::
 
     dst/latest                                              names the tag, written last
     dst/<tag>/[bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt   r < world_size
@@ -11,7 +12,7 @@ data-parallel ranks::
 so ``engine.load_checkpoint(dst)`` at the new size restores the optimizer state exactly (DeepSpeed
 refuses to re-partition ZeRO-1/2 state itself). The partitioning is recomputed as DeepSpeed's
 ``DeepSpeedZeroOptimizer`` (or ``BF16_Optimizer``) does at the new size, from the facts the reader
-documents (:mod:`zero_ckpt.formats.deepspeed`):
+documents (:mod:`zero_ckpt.formats.deepspeed.reading`):
 
 * each group's params are laid end to end in ``param_shapes`` order, the flat buffer is padded at
   the tail to a multiple of ``2 * dp`` and cut into ``dp`` equal partitions
@@ -36,11 +37,12 @@ scaler, clip_grad, zero_stage, ds_version, hyperparameters, step tensors, ...) a
 model states file (module weights, buffers, frozen params and their fragments, tied names, step
 counters, lr scheduler and client state), with ``dp_world_size``, ``param_shapes`` (its order
 under round robin) and, in ``ds_config``, ``train_batch_size`` (the per-rank batch is kept) set
-for the new size. From a format-v1 checkpoint the files are synthesised in DeepSpeed 0.19's
-layout (see *Limits*).
+for the new size. From any other source (format v1, DCP, ...) the files are synthesised in
+DeepSpeed 0.19's layout (see *Limits*); the state is read through the view alone (its extents,
+module-only tensors and checks).
 
-:func:`write_deepspeed_universal` writes what ``ds_to_universal`` writes for a ZeRO-1/2
-checkpoint: ``<tag>/zero/<param>/fp32.pt``, ``exp_avg.pt``, ``exp_avg_sq.pt`` (each
+:func:`write_universal_view` (``deepspeed-universal``; URL-level: :func:`write_deepspeed_universal`)
+writes what ``ds_to_universal`` writes for a ZeRO-1/2 checkpoint: ``<tag>/zero/<param>/fp32.pt``, ``exp_avg.pt``, ``exp_avg_sq.pt`` (each
 ``{"param": full tensor, "cat_dim": 0}``; every tensor state of the optimizer gets a file),
 ``step.pt`` (the step tensor), ``{"param": tensor.float()}`` in ``fp32.pt`` for module entries the
 optimizer does not own (tied names, frozen params, buffers), ``<tag>/zero/optimizer_state.pt``
@@ -69,7 +71,7 @@ universal loading places params in their group order, so under ``round_robin_gra
 resumes with scrambled state whoever wrote the universal files; and it fails on a rank that holds
 no element of some group (e.g. a 10-element group at 4 ranks).
 
-Limits (format-v1 sources that did not come from DeepSpeed):
+Limits (sources that did not come from DeepSpeed: format v1, DCP, ...):
 
 * the model states file has no ``lr_scheduler``/client state; ``module`` holds every param (the
   fp32 masters cast to the param's dtype), every tied name and every tensor of the checkpoint's
@@ -94,19 +96,13 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
 
 from zero_core.layout import GroupLayout, compute_partition_numel
 from zero_ckpt.errors import CheckpointError, CorruptShardError, LayoutMismatchError, raise_problems
-from zero_ckpt.formats import detect_location_format, open_source
-from zero_ckpt.formats.deepspeed import (
-    DEEPSPEED_ALIGN,
-    DeepSpeedView,
-    read_deepspeed,
-    verify_deepspeed_files,
-)
+from zero_ckpt.formats.deepspeed.reading import DEEPSPEED_ALIGN
 from zero_ckpt.formats.torch_zip import (
     STORAGE_DTYPES,
     StorageRef,
@@ -119,20 +115,22 @@ from zero_ckpt.formats.torch_zip import (
     zip_end_records,
     zip_local_header,
 )
-from zero_ckpt.manifest import FileMeta, GroupMeta, Manifest, ParamMeta, tensor_name
+from zero_ckpt.manifest import GroupMeta, Manifest, ParamMeta
 from zero_ckpt.plan import CopyOp, FilePlan
-from zero_ckpt.safetensors_format import SafetensorsHeader, dtype_size
+from zero_ckpt.safetensors_format import dtype_size
 from zero_ckpt.destination import prepare_destination
 from zero_ckpt.storage import Location, open_location
 from zero_ckpt.segments import CastViaSegment, Crc32Segment, LiteralSegment, Segment, ZerosSegment
 from zero_ckpt.transfer import ProgressFn, ProgressTracker, SourceChecks, run_file_plans
+from zero_ckpt.view import ModelTensor, SourceView, WriteResult
 
 __all__ = [
     "DEEPSPEED_FORMAT_VERSION",
     "DeepSpeedWriteError",
-    "DeepSpeedWriteResult",
     "write_deepspeed",
     "write_deepspeed_universal",
+    "write_universal_view",
+    "write_view",
 ]
 
 # The DeepSpeed release whose file layout is written when the source records none.
@@ -160,19 +158,6 @@ _STORAGE_CLASSES = {dtype: name for name, dtype in STORAGE_DTYPES.items() if nam
 
 class DeepSpeedWriteError(CheckpointError, ValueError):
     """The source cannot be written as the DeepSpeed checkpoint asked for (the message says why)."""
-
-
-@dataclass(frozen=True)
-class DeepSpeedWriteResult:
-    """What was written: ``url`` (the run folder), ``tag``, ``world_size`` (None for universal),
-    ``files`` (relative to ``url``, the commit file last), ``bytes`` in all, ``notes``."""
-
-    url: str
-    tag: str
-    world_size: int | None
-    files: tuple[str, ...]
-    bytes: int
-    notes: tuple[str, ...] = ()
 
 
 # ----- what the pickles hold: stand-ins for the objects torch.save would pickle ------------------
@@ -580,13 +565,11 @@ def _read_bytes(plan: FilePlan) -> int:
 
 @dataclass
 class _Source:
+    """The source view, plus (DeepSpeed sources only) rank 0's optim file and the model states
+    file parsed, whose other entries are kept; ``ds``: ``extra.deepspeed`` of the manifest."""
+
     loc: Location
-    fmt: str
-    manifest: Manifest
-    headers: Mapping[int, SafetensorsHeader]
-    model_header: SafetensorsHeader | None
-    header_crcs: dict[str, int]
-    view: DeepSpeedView | None = None
+    view: SourceView
     optim_zf: TorchZipFile | None = None
     optim_root: Any = None
     model_zf: TorchZipFile | None = None
@@ -596,8 +579,12 @@ class _Source:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def manifest(self) -> Manifest:
+        return self.view.manifest
+
+    @property
     def is_deepspeed(self) -> bool:
-        return self.view is not None
+        return self.view.format == "deepspeed"
 
     @property
     def ds_config(self) -> dict:
@@ -615,8 +602,6 @@ class _Source:
 
     @property
     def optimizer(self) -> str:
-        if self.view is not None:
-            return self.view.optimizer
         return str(self.ds.get("optimizer") or "DeepSpeedZeroOptimizer")
 
     @property
@@ -650,7 +635,7 @@ class _Source:
 
     @property
     def prefix(self) -> str:
-        if self.view is not None or "file_prefix" in self.ds:
+        if self.is_deepspeed or "file_prefix" in self.ds:
             return str(self.ds.get("file_prefix") or "")
         bf16 = any(p.dtype == "bfloat16" for g in self.manifest.groups for p in g.params)
         return "bf16_" if bf16 else ""
@@ -662,8 +647,8 @@ class _Source:
 
     @property
     def tag(self) -> str:
-        if self.view is not None and self.view.tag:
-            return self.view.tag
+        if self.is_deepspeed and isinstance(self.view.origin.get("tag"), str) and self.view.origin["tag"]:
+            return str(self.view.origin["tag"])
         if isinstance(self.ds.get("tag"), str) and self.ds["tag"]:
             return self.ds["tag"]
         steps = self.ds.get("global_steps")
@@ -672,35 +657,27 @@ class _Source:
         return f"global_step{steps}"
 
 
-def _open(loc: Location) -> _Source:
-    fmt = detect_location_format(loc)
-    if fmt == "deepspeed":
-        view = read_deepspeed(loc)
-        verify_deepspeed_files(loc, view)  # no checksums of its own: the zip CRC-32s
-        model_rel = posixpath.join(view.tag, _MODEL_FILE) if view.tag else _MODEL_FILE
-        optim_zf = open_torch_zip(loc, view.manifest.shard(0).path)
-        model_zf = open_torch_zip(loc, model_rel)
-        src = _Source(
-            loc, fmt, view.manifest, view.headers, view.model_header, {}, view, optim_zf, optim_zf.load(),
-            model_zf, model_zf.load(), model_rel, dict(view.manifest.extra.get("deepspeed") or {}),
-            list(view.notes),
-        )
-        osd = src.optim_root.get("optimizer_state_dict") if isinstance(src.optim_root, dict) else None
-        if not isinstance(osd, dict):
-            raise DeepSpeedWriteError(f"{optim_zf.url}: no optimizer_state_dict", path=optim_zf.url)
-        if not isinstance(src.model_root, dict):
-            raise DeepSpeedWriteError(f"{model_zf.url}: the model states file is not a dict", path=model_zf.url)
-        return src
-    if fmt == "zero-ckpt":
-        opened = open_source(loc, "zero-ckpt")
-        ds = opened.manifest.extra.get("deepspeed") if isinstance(opened.manifest.extra, dict) else None
-        return _Source(loc, fmt, opened.manifest, opened.headers, opened.model_header,
-                       dict(opened.header_crcs), ds=dict(ds) if isinstance(ds, dict) else {})
-    raise DeepSpeedWriteError(
-        f"{loc.url} is a {fmt} checkpoint; write_deepspeed reads format-v1 (zero-ckpt) and DeepSpeed "
-        "ZeRO-1/2 checkpoints",
-        path=loc.url,
-    )
+def _open(loc: Location, view: SourceView) -> _Source:
+    """The writer's source: any view. From a DeepSpeed view, rank 0's optim file and the model
+    states file are parsed too (their other entries are kept); other views are synthesised
+    from, in DeepSpeed 0.19's layout."""
+    extra = view.manifest.extra if isinstance(view.manifest.extra, dict) else {}
+    ds = extra.get("deepspeed")
+    ds = dict(ds) if isinstance(ds, dict) else {}
+    if view.format != "deepspeed":
+        return _Source(loc, view, ds=ds)
+    tag = view.origin.get("tag") or ""
+    model_rel = posixpath.join(tag, _MODEL_FILE) if tag else _MODEL_FILE
+    optim_zf = open_torch_zip(loc, view.manifest.shard(0).path)
+    model_zf = open_torch_zip(loc, model_rel)
+    src = _Source(loc, view, optim_zf, optim_zf.load(), model_zf, model_zf.load(), model_rel, ds,
+                  list(view.origin.get("notes") or ()))
+    osd = src.optim_root.get("optimizer_state_dict") if isinstance(src.optim_root, dict) else None
+    if not isinstance(osd, dict):
+        raise DeepSpeedWriteError(f"{optim_zf.url}: no optimizer_state_dict", path=optim_zf.url)
+    if not isinstance(src.model_root, dict):
+        raise DeepSpeedWriteError(f"{model_zf.url}: the model states file is not a dict", path=model_zf.url)
+    return src
 
 
 # ----- the new cut ---------------------------------------------------------------------------------
@@ -732,7 +709,6 @@ class _Group:
     params: tuple[ParamMeta, ...]
     own: tuple[ParamMeta, ...]
     layout: GroupLayout
-    src_layout: GroupLayout
     src_offsets: dict[str, int]
     starts: tuple[int, ...] = ()  # target offsets of ``params`` (for bisect)
     own_starts: tuple[int, ...] = ()  # cumulative offsets in ``own`` order
@@ -767,50 +743,68 @@ def _plan_groups(src: _Source, world_size: int) -> list[_Group]:
         for p in own:
             own_starts.append(acc)
             acc += p.numel
-        groups.append(_Group(gi, g, tuple(params), tuple(own), layout, g.layout(src.manifest.world_size),
+        groups.append(_Group(gi, g, tuple(params), tuple(own), layout,
                              {p.name: p.offset for p in g.params}, tuple(p.offset for p in params),
                              tuple(own_starts)))
     return groups
 
 
-def _pieces(src: _Source, group: _Group, key: str, lo: int, hi: int) -> list[_Segment]:
-    """Segments holding target flat elements ``[lo, hi)`` of ``key``, read from the source."""
-    name = tensor_name(group.index, key)
+def _source_segments(src: _Source, group: _Group, key: str, a: int, b: int, out: list[_Segment]) -> None:
+    """Append to ``out`` the segments holding the source's flat elements ``[a, b)`` of ``key``
+    (from the view's extents, in the key's dtype; adjacent ranges of one stored tensor merged)."""
     dtype = group.meta.dtype_of(key, src.manifest.master_dtype)
     size = dtype_size(dtype)
-    pn = group.src_layout.partition_numel
+    for e in src.view.extents(group.index, key, a, b):
+        if e.dtype != dtype:
+            out.append(_Cast(e.file, e.byte_start, e.numel, e.dtype, dtype))
+            continue
+        check = (e.file, e.tensor, e.tensor_offset) if e.tensor is not None else None
+        seg = _Copy(e.file, e.byte_start, e.numel * size, check)
+        prev = out[-1] if out else None
+        if (isinstance(prev, _Copy) and prev.path == seg.path and prev.start + prev.nbytes == seg.start
+                and prev.check and check and prev.check[1] == check[1] and prev.check[2] + prev.nbytes == check[2]):
+            out[-1] = _Copy(prev.path, prev.start, prev.nbytes + seg.nbytes, prev.check)
+        else:
+            out.append(seg)
+
+
+def _pieces(src: _Source, group: _Group, key: str, lo: int, hi: int) -> list[_Segment]:
+    """Segments holding target flat elements ``[lo, hi)`` of ``key``, read from the source."""
     out: list[_Segment] = []
     for p in group.overlapping(lo, hi):
         a, b = max(lo, p.offset), min(hi, p.offset + p.numel)
         if a >= b:
             continue
         s = group.src_offsets[p.name] + (a - p.offset)
-        for rank, x, y in group.src_layout.locate(s, s + (b - a)):
-            entry = src.headers[rank].tensors[name]
-            path = src.manifest.shard(rank).path
-            rel = (x - rank * pn) * size
-            seg = _Copy(path, entry.start + rel, (y - x) * size, (path, name, rel))
-            prev = out[-1] if out else None
-            if (isinstance(prev, _Copy) and prev.path == seg.path and prev.start + prev.nbytes == seg.start
-                    and prev.check and prev.check[1] == name and prev.check[2] + prev.nbytes == rel):
-                out[-1] = _Copy(prev.path, prev.start, prev.nbytes + seg.nbytes, prev.check)
-            else:
-                out.append(seg)
+        _source_segments(src, group, key, s, s + (b - a), out)
     return out
 
 
 def _param_segments(src: _Source, group: _Group, p: ParamMeta, key: str) -> list[_Segment]:
     """One whole param's ``key``, in source order (for the universal layout)."""
-    name = tensor_name(group.index, key)
-    size = dtype_size(group.meta.dtype_of(key, src.manifest.master_dtype))
-    pn = group.src_layout.partition_numel
-    s = group.src_offsets[p.name]
     out: list[_Segment] = []
-    for rank, x, y in group.src_layout.locate(s, s + p.numel):
-        entry = src.headers[rank].tensors[name]
-        path = src.manifest.shard(rank).path
-        rel = (x - rank * pn) * size
-        out.append(_Copy(path, entry.start + rel, (y - x) * size, (path, name, rel)))
+    s = group.src_offsets[p.name]
+    _source_segments(src, group, key, s, s + p.numel, out)
+    return out
+
+
+def _cast(seg: _Segment, src_dtype: str, dst_dtype: str, via: str | None = None) -> _Cast:
+    """A source segment of ``src_dtype`` elements read as ``dst_dtype`` (through ``via``)."""
+    if isinstance(seg, _Cast):
+        return _Cast(seg.path, seg.start, seg.numel, seg.src_dtype, dst_dtype, via)
+    return _Cast(seg.path, seg.start, seg.dst_nbytes // dtype_size(src_dtype), src_dtype, dst_dtype, via)
+
+
+def _model_segments(t: ModelTensor, dtype: str | None = None) -> list[_Segment]:
+    """A module-only tensor of the view, from its pieces (cast to ``dtype`` when given)."""
+    out: list[_Segment] = []
+    want = dtype or t.dtype
+    for e in t.pieces:
+        if e.dtype != want:
+            out.append(_Cast(e.file, e.byte_start, e.numel, e.dtype, want))
+        else:
+            check = (e.file, e.tensor, e.tensor_offset) if e.tensor is not None else None
+            out.append(_Copy(e.file, e.byte_start, e.numel * dtype_size(e.dtype), check))
     return out
 
 
@@ -888,6 +882,13 @@ class _Writer:
 
     def _stage(self) -> int:
         stage = self.src.manifest.zero_stage
+        if stage == 0 and not self.src.is_deepspeed:
+            # a checkpoint of an unpartitioned optimizer (e.g. PyTorch DCP): ZeRO-1 partitions
+            # exactly the optimizer state
+            note = "the source records ZeRO stage 0 (an unpartitioned optimizer): written as ZeRO stage 1"
+            if note not in self.notes:
+                self.notes.append(note)
+            return 1
         if stage not in (1, 2):
             raise DeepSpeedWriteError(
                 f"{self.src.loc.url} records ZeRO stage {stage}; DeepSpeed ZeRO-1/2 checkpoints need stage 1 "
@@ -1079,21 +1080,16 @@ class _Writer:
         for g in self.groups:
             for p in g.meta.params:
                 master = src.manifest.master_dtype
-                segs = [
-                    _Cast(s.path, s.start, s.nbytes // dtype_size(master), master, p.dtype)
-                    for s in _param_segments(src, g, p, "master")
-                ]
+                segs = [_cast(s, master, p.dtype) for s in _param_segments(src, g, p, "master")]
                 t = _tensor(p.dtype, p.shape, segs)
                 module[p.name] = t
                 for alias in p.aliases:
                     module[alias] = _Tensor(t.storage, 0, t.shape, t.stride)
                     shared[alias] = p.name
         names = []
-        if src.model_header is not None and src.manifest.model_file is not None:
-            path = src.manifest.model_file.path
-            for e in sorted(src.model_header.tensors.values(), key=lambda e: e.start):
-                module[e.name] = _tensor(e.dtype, e.shape, [_Copy(path, e.start, e.nbytes, (path, e.name, 0))])
-                names.append(e.name)
+        for mt in src.view.model:
+            module[mt.name] = _tensor(mt.dtype, mt.shape, _model_segments(mt))
+            names.append(mt.name)
         recorded = src.ds.get("buffer_names")
         buffers = [b for b in recorded if b in names] if isinstance(recorded, list) else names
         if not isinstance(recorded, list) and names:
@@ -1144,17 +1140,16 @@ def _run(src: _Source, d: Location, jobs: list[_Job], commit: tuple[str, bytes],
     """Write every job through the engine, check the sources' checksums, then the commit file."""
     plans = [_file_plan(j) for j in jobs]
     tracker = ProgressTracker(progress, sum(_read_bytes(p) for p in plans)) if progress is not None else None
-    checks = SourceChecks() if src.fmt == "zero-ckpt" else None
+    view = src.view
+    checks = SourceChecks() if view.checked_files else None
     written = run_file_plans(src.loc, d, plans, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
                              checks=checks, fsync=fsync)
     try:
         if checks is not None:
-            files: list[FileMeta] = list(src.manifest.shards)
-            by_path = {src.manifest.shard(r).path: h for r, h in src.headers.items()}
-            if src.manifest.model_file is not None and src.model_header is not None:
-                files.append(src.manifest.model_file)
-                by_path[src.manifest.model_file.path] = src.model_header
-            raise_problems(checks.problems(src.loc, files, by_path, src.header_crcs), CorruptShardError)
+            raise_problems(
+                checks.problems(src.loc, view.checked_files, view.checks.headers, view.checks.header_crcs),
+                CorruptShardError,
+            )
         with d.writer(commit[0], len(commit[1])) as writer:
             writer.write(commit[1])
             writer.commit(fsync=fsync)
@@ -1171,6 +1166,112 @@ def _run(src: _Source, d: Location, jobs: list[_Job], commit: tuple[str, bytes],
 # ----- public ------------------------------------------------------------------------------------------
 
 
+def _tag_name(tag: str | None, source: _Source) -> str:
+    name = tag or source.tag
+    if not name or "/" in name or name in (".", ".."):
+        raise DeepSpeedWriteError(f"tag {name!r} is not a folder name")
+    return name
+
+
+def _check_expected(view: SourceView, expected: int | None) -> None:
+    from zero_ckpt.resharding import check_expected_world_size
+
+    check_expected_world_size(view, expected)
+
+
+def write_view(
+    s: Location,
+    d: Location,
+    view: SourceView,
+    *,
+    world_size: int,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    workers: int | None = None,
+    chunk_bytes: int | None = None,
+    fsync: bool | None = None,
+    src_url: str | None = None,
+    tag: str | None = None,
+    expected_world_size: int | None = None,
+    **_: Any,
+) -> WriteResult:
+    """Write ``view`` (any format, read from ``s``; prechecked by the caller) to ``d`` as a
+    DeepSpeed ZeRO-1/2 run folder for ``world_size`` data-parallel ranks (see
+    :func:`write_deepspeed`); ``latest`` last. The registry's writer of ``deepspeed``."""
+    if world_size is None or world_size < 1:
+        raise LayoutMismatchError(f"target world size must be at least 1, got {world_size}")
+    _check_expected(view, expected_world_size)
+    source = _open(s, view)
+    w = _Writer(source, world_size)
+    name = _tag_name(tag, source)
+    jobs = [w.optim_file(r) for r in range(world_size)] + [w.model_file()]
+    jobs = [_Job(posixpath.join(name, j.rel), j.obj) for j in jobs]
+    prepare_destination(s, d, overwrite)
+    files, nbytes = _run(source, d, jobs, (_LATEST, name.encode()), progress, workers, chunk_bytes, fsync)
+    return WriteResult("deepspeed", d.url, world_size, files, nbytes, tuple(w.notes), tag=name)
+
+
+def write_universal_view(
+    s: Location,
+    d: Location,
+    view: SourceView,
+    *,
+    world_size: int | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    workers: int | None = None,
+    chunk_bytes: int | None = None,
+    fsync: bool | None = None,
+    src_url: str | None = None,
+    tag: str | None = None,
+    expected_world_size: int | None = None,
+    **_: Any,
+) -> WriteResult:
+    """Write ``view`` (any format, read from ``s``; prechecked by the caller) to ``d`` in
+    DeepSpeed's universal layout (see :func:`write_deepspeed_universal`); ``latest_universal``
+    last. ``world_size`` is ignored: the universal layout loads at any size. The registry's
+    writer of ``deepspeed-universal``."""
+    _check_expected(view, expected_world_size)
+    source = _open(s, view)
+    if source.elastic:
+        raise DeepSpeedWriteError(
+            f"{s.url} is an elastic_checkpoint: it records no param_groups (learning rates, betas, ...), "
+            "which the universal layout's optimizer_state.pt needs (ds_to_universal fails on it too); "
+            "write it with --format deepspeed instead",
+            path=s.url,
+        )
+    w = _Writer(source, source.manifest.world_size)
+    name = _tag_name(tag, source)
+    jobs = _universal_jobs(w, name)
+    prepare_destination(s, d, overwrite)
+    commit = (_LATEST_UNIVERSAL, name.encode())
+    files, nbytes = _run(source, d, jobs, commit, progress, workers, chunk_bytes, fsync)
+    return WriteResult("deepspeed-universal", d.url, None, files, nbytes, tuple(w.notes), tag=name)
+
+
+def _write_url(
+    writer: Any, src: str, dst: str, storage_options: dict[str, Any] | None,
+    dst_storage_options: dict[str, Any] | None, expected_world_size: int | None, **options: Any,
+) -> WriteResult:
+    """Open ``src`` (any format with a byte layout), view it, precheck it and run ``writer``."""
+    from zero_ckpt.formats.registry import format_module, open_view, precheck, resolve
+
+    with open_location(src, storage_options) as s, open_location(
+        dst, storage_options if dst_storage_options is None else dst_storage_options
+    ) as d:
+        fmt = resolve(s)
+        if getattr(format_module(fmt), "import_source", None) is not None:
+            raise DeepSpeedWriteError(
+                f"{s.url} is a {fmt} checkpoint, which has no byte layout to write from; convert it to "
+                "zero-ckpt first (zero-ckpt convert), then write that",
+                path=s.url,
+            )
+        view = open_view(s, fmt)
+        _check_expected(view, expected_world_size)
+        precheck(s, view)
+        return writer(s, d, view, src_url=src, **options)
+
+
 def write_deepspeed(
     src: str,
     dst: str,
@@ -1185,9 +1286,10 @@ def write_deepspeed(
     workers: int | None = None,
     chunk_bytes: int | None = None,
     fsync: bool | None = None,
-) -> DeepSpeedWriteResult:
-    """Write the checkpoint at ``src`` (format v1, or DeepSpeed ZeRO-1/2 at any size) as a
-    DeepSpeed ZeRO-1/2 run folder at ``dst`` for ``world_size`` data-parallel ranks.
+) -> WriteResult:
+    """Write the checkpoint at ``src`` (any readable format: format v1, DeepSpeed ZeRO-1/2 at any
+    size, PyTorch DCP, ...) as a DeepSpeed ZeRO-1/2 run folder at ``dst`` for ``world_size``
+    data-parallel ranks.
 
     ``dst`` gets ``<tag>/[bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt`` (r < world_size),
     ``<tag>/mp_rank_00_model_states.pt`` and, last, ``latest`` naming ``tag`` (default: the
@@ -1195,24 +1297,16 @@ def write_deepspeed(
     ranks resumes with the optimizer state intact. One file per rank, each holding 1/world_size
     of the state, built from byte ranges of the source in ``chunk_bytes`` pieces on ``workers``
     threads. ``expected_world_size`` (the CLI's ``--from``) must match the source's. On any
-    error nothing this call wrote is left and ``latest`` is not written.
+    error nothing this call wrote is left and ``latest`` is not written. Returns a
+    :class:`~zero_ckpt.view.WriteResult` (``tag``: the tag written).
     """
     if world_size < 1:
         raise LayoutMismatchError(f"target world size must be at least 1, got {world_size}")
-    with open_location(src, storage_options) as s, open_location(
-        dst, storage_options if dst_storage_options is None else dst_storage_options
-    ) as d:
-        source = _open(s)
-        _check_expected(source, expected_world_size)
-        w = _Writer(source, world_size)
-        name = tag or source.tag
-        if not name or "/" in name or name in (".", ".."):
-            raise DeepSpeedWriteError(f"tag {name!r} is not a folder name")
-        jobs = [w.optim_file(r) for r in range(world_size)] + [w.model_file()]
-        jobs = [_Job(posixpath.join(name, j.rel), j.obj) for j in jobs]
-        prepare_destination(s, d, overwrite)
-        files, nbytes = _run(source, d, jobs, (_LATEST, name.encode()), progress, workers, chunk_bytes, fsync)
-        return DeepSpeedWriteResult(d.url, name, world_size, files, nbytes, tuple(w.notes))
+    return _write_url(
+        write_view, src, dst, storage_options, dst_storage_options, expected_world_size,
+        world_size=world_size, tag=tag, overwrite=overwrite, progress=progress, workers=workers,
+        chunk_bytes=chunk_bytes, fsync=fsync,
+    )
 
 
 def write_deepspeed_universal(
@@ -1228,44 +1322,19 @@ def write_deepspeed_universal(
     workers: int | None = None,
     chunk_bytes: int | None = None,
     fsync: bool | None = None,
-) -> DeepSpeedWriteResult:
+) -> WriteResult:
     """Write the checkpoint at ``src`` in DeepSpeed's universal layout, as ``ds_to_universal``
     does, into the run folder ``dst``: ``<tag>/zero/<param>/{fp32,exp_avg,exp_avg_sq,...,step}.pt``,
     ``<tag>/zero/optimizer_state.pt``, ``<tag>/mp_rank_00_model_states.pt`` and, last,
     ``latest_universal`` naming ``tag`` (DeepSpeed loads it at any size with
-    ``"checkpoint": {"load_universal": true}``). One param at a time, streamed.
+    ``"checkpoint": {"load_universal": true}``). One param at a time, streamed. Returns a
+    :class:`~zero_ckpt.view.WriteResult` (``world_size`` None).
     """
-    with open_location(src, storage_options) as s, open_location(
-        dst, storage_options if dst_storage_options is None else dst_storage_options
-    ) as d:
-        source = _open(s)
-        _check_expected(source, expected_world_size)
-        if source.elastic:
-            raise DeepSpeedWriteError(
-                f"{s.url} is an elastic_checkpoint: it records no param_groups (learning rates, betas, ...), "
-                "which the universal layout's optimizer_state.pt needs (ds_to_universal fails on it too); "
-                "write it with --format deepspeed instead",
-                path=s.url,
-            )
-        w = _Writer(source, source.manifest.world_size)
-        name = tag or source.tag
-        if not name or "/" in name or name in (".", ".."):
-            raise DeepSpeedWriteError(f"tag {name!r} is not a folder name")
-        jobs = _universal_jobs(w, name)
-        prepare_destination(s, d, overwrite)
-        commit = (_LATEST_UNIVERSAL, name.encode())
-        files, nbytes = _run(source, d, jobs, commit, progress, workers, chunk_bytes, fsync)
-        return DeepSpeedWriteResult(d.url, name, None, files, nbytes, tuple(w.notes))
-
-
-def _check_expected(source: _Source, expected: int | None) -> None:
-    actual = source.manifest.world_size
-    if expected is not None and expected != actual:
-        raise LayoutMismatchError(
-            f"{source.loc.url} holds a checkpoint saved at world size {actual}, not {expected}; pass "
-            f"--from {actual} or leave --from out",
-            path=source.loc.url, expected=expected, actual=actual,
-        )
+    return _write_url(
+        write_universal_view, src, dst, storage_options, dst_storage_options, expected_world_size,
+        tag=tag, overwrite=overwrite, progress=progress, workers=workers, chunk_bytes=chunk_bytes,
+        fsync=fsync,
+    )
 
 
 def _universal_jobs(w: _Writer, tag: str) -> list[_Job]:
@@ -1358,13 +1427,10 @@ def _module_entries(w: _Writer) -> list[tuple[str, _Tensor]]:
     for g in w.groups:
         for p in g.meta.params:
             for name in (p.name, *p.aliases):
-                segs = [_Cast(s.path, s.start, s.nbytes // dtype_size(master), master, "float32", via=p.dtype)
-                        for s in _param_segments(src, g, p, "master")]
+                segs = [_cast(s, master, "float32", via=p.dtype) for s in _param_segments(src, g, p, "master")]
                 out.append((name, _tensor("float32", p.shape, segs)))
-    if src.model_header is not None and src.manifest.model_file is not None:
-        path = src.manifest.model_file.path
-        for e in sorted(src.model_header.tensors.values(), key=lambda e: e.start):
-            if e.dtype in _TORCH_DTYPES:
-                segs = [_Cast(path, e.start, e.numel, e.dtype, "float32")]
-                out.append((e.name, _tensor("float32", e.shape, segs)))
+    for mt in src.view.model:
+        if mt.dtype in _TORCH_DTYPES:
+            segs = [_Cast(e.file, e.byte_start, e.numel, e.dtype, "float32") for e in mt.pieces]
+            out.append((mt.name, _tensor("float32", mt.shape, segs)))
     return out
