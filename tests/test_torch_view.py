@@ -248,3 +248,26 @@ def test_remote_source_is_read_by_range(tmp_path: Path, monkeypatch: pytest.Monk
     assert set(whole) <= {"param_names.json"}, whole
     want = import_torch_files(str(src), str(tmp_path / "loader"), world_size=3)
     assert [s.checksum for s in got.shards] == [s.checksum for s in want.shards]
+
+
+def test_a_torch_folder_converts_straight_to_dcp(tmp_path: Path) -> None:
+    """Through its view a torch checkpoint goes to any target, here DCP: dcp_to_torch_save of the
+    result holds the torch optimizer's own state, tensor for tensor."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    osd, msd, _ = trained("adam")
+    src = folder(tmp_path, osd, msd)
+    result = convert(str(src), str(tmp_path / "dcp"), to_format="dcp", world_size=2)
+    assert result.format == "dcp" and result.files[-1] == ".metadata"
+    dcp_to_torch_save(str(tmp_path / "dcp"), str(tmp_path / "full.pt"))
+    full = torch.load(tmp_path / "full.pt", weights_only=False)
+    names = [n for group in NAMES for n in group] if isinstance(NAMES[0], list) else NAMES
+    for i, name in enumerate(names):
+        if i not in osd["state"]:
+            continue
+        for key, t in osd["state"][i].items():
+            if key == "step":
+                assert float(full["optim"]["state"][name]["step"]) == float(t)
+            else:
+                assert torch.equal(full["optim"]["state"][name][key], t), (name, key)
+        assert torch.equal(full["model"][name], msd[name])

@@ -84,13 +84,9 @@ def convert(
                 "sources only",
                 path=src,
             )
-        if importer is not None:
-            if to_format != "zero-ckpt":
-                raise CheckpointError(
-                    f"{src} is a plain {fmt} checkpoint: convert it to zero-ckpt first, then to "
-                    f"{to_format}",
-                    path=src,
-                )
+        # a source without a byte layout everywhere (plain torch) imports itself into format
+        # v1 (streaming through its view when it can); to other targets it must be viewable
+        if importer is not None and to_format == "zero-ckpt":
             reads = [(src, storage_options)] + [
                 (u, storage_options) for u in (model, param_names) if isinstance(u, str)
             ]
@@ -180,12 +176,6 @@ def consolidate_source(
         raise CheckpointError(f"unknown output format {format!r}; choose 'safetensors' or 'torch'")
     with open_location(src, storage_options) as s:
         fmt = check_format(s, from_format)
-    if getattr(format_module(fmt), "import_source", None) is not None:
-        raise CheckpointError(
-            f"{src} is a {fmt} checkpoint, which consolidate does not read; it is full "
-            "tensors already (zero-ckpt convert --from-format torch makes it a zero-ckpt one)",
-            path=src,
-        )
     from zero_ckpt.consolidation import consolidate  # reads every viewable format in place
 
     result = consolidate(
