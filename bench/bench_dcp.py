@@ -14,7 +14,9 @@ so every rank writes its own ``__r_0.distcp``. Then times, each a fresh process,
 
 * ``python -c dcp_to_torch_save(SRC, OUT/full.pt)`` (torch's tool: loads everything, one .pt);
 * ``zero-ckpt consolidate SRC OUT --include-optimizer`` (model.safetensors + optimizer.safetensors:
-  the same tensors, streamed; its zip CRC-32 precheck reads every record once first).
+  the same tensors plus each param's master again under ``{param}.master``, streamed and fsynced;
+  its zip CRC-32 precheck reads every record once first); and the same with
+  ``ZERO_CKPT_FSYNC=0`` (``torch.save`` does not fsync either).
 
 Peak RSS is the child's ``ru_maxrss``.
 """
@@ -63,7 +65,7 @@ if rank == 0:
 '''
 
 
-def run(cmd: list[str]) -> tuple[float, float]:
+def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of a fresh child process."""
     t0 = time.perf_counter()
     # each measured command runs under its own wrapper process, so ru_maxrss is that command's
@@ -71,7 +73,7 @@ def run(cmd: list[str]) -> tuple[float, float]:
                "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
                "stdout=subprocess.DEVNULL); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)", *cmd]
-    out = subprocess.run(wrapped, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(wrapped, check=True, capture_output=True, text=True, env=env).stdout
     wall = time.perf_counter() - t0
     return wall, int(out.strip().splitlines()[-1]) / 1024
 
@@ -99,7 +101,11 @@ def main() -> None:
     width = 2048
     nparams = max(1, round(args.params / (width * width))) * width * width
     subprocess.run(f"cat {src}/* > /dev/null", shell=True, check=True)
-    rows: dict[str, list[tuple[float, float]]] = {"torch dcp_to_torch_save": [], "zero-ckpt consolidate": []}
+    rows: dict[str, list[tuple[float, float]]] = {
+        "torch dcp_to_torch_save": [],
+        "zero-ckpt consolidate": [],
+        "zero-ckpt consolidate, no fsync": [],
+    }
     for i in range(args.repeats):
         for name in rows:
             out = os.path.join(args.workdir, f"out-{i}")
@@ -111,7 +117,8 @@ def main() -> None:
                        "dcp_to_torch_save(sys.argv[1], sys.argv[2])", src, os.path.join(out, "full.pt")]
             else:
                 cmd = [CLI, "consolidate", src, out, "--include-optimizer", "-q"]
-            rows[name].append(run(cmd))
+            env = {**os.environ, "ZERO_CKPT_FSYNC": "0"} if "no fsync" in name else None
+            rows[name].append(run(cmd, env))
             shutil.rmtree(out, ignore_errors=True)
     print(f"\nDCP checkpoint: {nparams / 1e6:.0f}M fp32 params + Adam (exp_avg, exp_avg_sq), "
           f"{args.ranks} rank files, {nbytes / 2**30:.2f} GiB; median of {args.repeats}, warm cache\n")

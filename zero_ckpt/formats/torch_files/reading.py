@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Mapping
 
@@ -344,8 +346,10 @@ def precheck(loc: Location, view: SourceView) -> None:
     checked against its CRC-32 before any of its bytes shape an output."""
     from zero_ckpt.formats.torch_zip import verify_record_crcs
 
-    for rel in view_files(view):
-        verify_record_crcs(loc, rel)
+    files = list(view_files(view))
+    # one file per thread: zlib's CRC-32 releases the GIL
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(files) or 1))) as pool:
+        list(pool.map(lambda rel: verify_record_crcs(loc, rel), files))
 
 
 def verify(loc: Location, report: Any, chunk: int, progress: Any, workers: int | None = None) -> Any:
