@@ -7,8 +7,10 @@ Run by hand (not a test):
 
 Writes a synthetic data-parallel-8 checkpoint (the one bench_toolkit.py writes), then times,
 median of --repeats, warm page cache: `cp -r SRC X && sync`; `zero-ckpt reshard SRC DST --to 16`
-(which fsyncs what it writes); `zero-ckpt verify SRC`. Each CLI job is a fresh process, so its
-time includes the interpreter and every import (these jobs import no torch).
+(which fsyncs what it writes); `zero-ckpt consolidate SRC OUT --dtype float32` (the fp32 masters
+as they are: no cast, so no torch) and `--dtype bfloat16` (the params' own dtype here: a cast, so
+torch is imported); `zero-ckpt verify SRC`. Each CLI job is a fresh
+process, so its time includes the interpreter and every import.
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ def main() -> None:
     make_checkpoint(src, args.gb)
     nbytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs)
     subprocess.run(f"cat {src}/shards/* > /dev/null && sync", shell=True, check=True)
-    rows = {"cp -r + sync": [], "zero-ckpt reshard --to 16 (fsync)": [], "zero-ckpt verify": []}
+    rows: dict[str, list[float]] = {
+        "cp -r + sync": [],
+        "zero-ckpt reshard --to 16 (fsync)": [],
+        "zero-ckpt consolidate --dtype float32 (no cast, fsync)": [],
+        "zero-ckpt consolidate --dtype bfloat16 (fsync)": [],
+        "zero-ckpt verify": [],
+    }
     for i in range(args.repeats):
         for name in rows:
             dst = os.path.join(args.workdir, f"out-{i}")
@@ -55,6 +63,10 @@ def main() -> None:
                 t = wall(f"cp -r {src} {dst} && sync", shell=True)
             elif "reshard" in name:
                 t = wall([CLI, "reshard", src, dst, "--to", "16", "-q"])
+            elif "bfloat16" in name:
+                t = wall([CLI, "consolidate", src, dst, "--dtype", "bfloat16", "-q"])
+            elif "consolidate" in name:
+                t = wall([CLI, "consolidate", src, dst, "--dtype", "float32", "-q"])
             else:
                 t = wall([CLI, "verify", src, "-q"])
             rows[name].append(t)
