@@ -26,20 +26,14 @@ from typing import Any, Iterator, Mapping, Sequence
 from zero_ckpt import __version__
 from zero_ckpt.formats.registry import open_view, precheck
 from zero_ckpt import knobs
-from zero_ckpt.errors import CheckpointError, CorruptShardError, MissingShardError, raise_problems
+from zero_ckpt.errors import CheckpointError, CorruptShardError, MissingShardError
 from zero_ckpt.manifest import Manifest
 from zero_ckpt.parts import PartResult, PartSpec, PartWork, make_job, resolve_part, run_part
 from zero_ckpt.plan import ConsolidatePlan, plan_consolidate
 from zero_ckpt.view import SourceView
 from zero_ckpt.destination import check_reads, claim_destination, prepare_output
 from zero_ckpt.storage import Location, open_location
-from zero_ckpt.transfer import (
-    ProgressFn,
-    ProgressTracker,
-    SourceChecks,
-    WrittenFile,
-    run_file_plans,
-)
+from zero_ckpt.transfer import ProgressFn, ProgressTracker, WrittenFile, write_and_commit
 
 __all__ = ["consolidate", "consolidate_part", "ConsolidateResult", "HF_FILES", "tied_names_for"]
 
@@ -129,25 +123,23 @@ def consolidate(
         hf.check_reads(d)
         with claim_destination(d, "consolidate", overwrite):
             prepare_output(d, overwrite, outputs=hf.outputs, folders=())
-            checks = SourceChecks()
-            tracker = ProgressTracker(progress, sum(op.src_nbytes for f in plan.files for op in f.ops))
-            written = run_file_plans(
-                s, d, plan.files, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
-                checks=checks, fsync=fsync,
-            )
             copied: list[str] = []
-            try:
-                raise_problems(
-                    checks.problems(s, view.checked_files, view.checks.headers, view.checks.header_crcs),
-                    CorruptShardError,
-                )
-                copied = hf.copy_to(d, chunk_bytes, fsync)
-                for name, data in _documents_in_order(plan.documents):
-                    d.write_atomic(name, data)
-            except BaseException:
-                for path in [*written, *hf.outputs, *plan.documents]:
-                    d.remove(path)
-                raise
+
+            def commit(_: Mapping[str, WrittenFile]) -> None:
+                try:
+                    copied.extend(hf.copy_to(d, chunk_bytes, fsync))
+                    for name, data in _documents_in_order(plan.documents):
+                        d.write_atomic(name, data)
+                except BaseException:
+                    for path in [*hf.outputs, *plan.documents]:
+                        d.remove(path)
+                    raise
+
+            written = write_and_commit(
+                s, d, view, plan.files, commit,
+                progress=ProgressTracker(progress, sum(op.src_nbytes for f in plan.files for op in f.ops)),
+                workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
+            )
     names = [f.path for f in plan.files] + copied + [n for n, _ in _documents_in_order(plan.documents)]
     total = (
         sum(w.bytes for w in written.values()) + hf.copied_bytes

@@ -21,7 +21,7 @@ import zlib
 from collections import defaultdict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 
 from zero_ckpt import knobs
@@ -44,6 +44,9 @@ from zero_ckpt.segments import (
 )
 from zero_ckpt.storage import FileWriter, Location
 
+if TYPE_CHECKING:
+    from zero_ckpt.view import SourceView
+
 __all__ = [
     "ProgressFn",
     "ProgressTracker",
@@ -53,6 +56,7 @@ __all__ = [
     "read_source_headers",
     "read_header",
     "run_file_plans",
+    "write_and_commit",
     "copy_op_into",
     "resolve_workers",
 ]
@@ -544,3 +548,42 @@ def run_file_plans(
             else:
                 job.abort()
         raise
+
+
+def write_and_commit(
+    src: Location,
+    dst: Location,
+    view: "SourceView",
+    plans: Sequence[FilePlan],
+    commit: Callable[[Mapping[str, WrittenFile]], None],
+    *,
+    progress: ProgressTracker | None = None,
+    workers: int | None = None,
+    chunk_bytes: int | None = None,
+    fsync: bool | None = None,
+) -> dict[str, WrittenFile]:
+    """Every writer's tail: run ``plans`` from ``view``'s files, check the source bytes against
+    the checksums the view records (CorruptShardError naming every bad file), then
+    ``commit(written)`` (the job's commit file: ``manifest.json``, ``latest``, ``.metadata``).
+    On any error, the files this call wrote are removed and nothing is committed."""
+    from zero_ckpt.errors import CorruptShardError, raise_problems
+
+    checks = SourceChecks()
+    written = run_file_plans(
+        src, dst, plans, workers=workers, chunk_bytes=chunk_bytes, progress=progress,
+        checks=checks, fsync=fsync,
+    )
+    try:
+        raise_problems(
+            checks.problems(src, view.checked_files, view.checks.headers, view.checks.header_crcs),
+            CorruptShardError,
+        )
+        commit(written)
+    except BaseException:
+        for rel in written:
+            try:
+                dst.remove(rel)
+            except CheckpointError:
+                pass  # the first error is the one to report
+        raise
+    return written

@@ -196,29 +196,17 @@ def write_view(
     """Write ``view`` (read from ``s``) to ``d`` as a DCP checkpoint for ``world_size`` ranks;
     ``.metadata`` last. On any error ``d`` keeps nothing this call wrote."""
     from zero_ckpt.destination import check_reads, claim_destination, prepare_output
-    from zero_ckpt.errors import CorruptShardError, raise_problems
-    from zero_ckpt.transfer import ProgressTracker, SourceChecks, run_file_plans
+    from zero_ckpt.transfer import ProgressTracker, write_and_commit
 
     plan = plan_dcp(view, world_size)
     outputs = tuple(f.path for f in plan.files) + (DCP_METADATA_FILE,)
     check_reads(d, sources=(s,), files=[(s, f.path) for f in view.files])
     with claim_destination(d, "convert", overwrite):
         prepare_output(d, overwrite, outputs=outputs, folders=())
-        checks = SourceChecks()
-        tracker = ProgressTracker(progress, sum(f.data_bytes for f in plan.files))
-        written = run_file_plans(
-            s, d, plan.files, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
-            checks=checks, fsync=fsync,
+        written = write_and_commit(
+            s, d, view, plan.files, lambda _: d.write_atomic(DCP_METADATA_FILE, plan.metadata),
+            progress=ProgressTracker(progress, sum(f.data_bytes for f in plan.files)),
+            workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
         )
-        try:
-            raise_problems(
-                checks.problems(s, view.checked_files, view.checks.headers, view.checks.header_crcs),
-                CorruptShardError,
-            )
-            d.write_atomic(DCP_METADATA_FILE, plan.metadata)
-        except BaseException:
-            for path in written:
-                d.remove(path)
-            raise
     total = sum(w.bytes for w in written.values()) + len(plan.metadata)
     return WriteResult("dcp", d.url, world_size, outputs, total)

@@ -101,7 +101,7 @@ from typing import Any, Iterable
 import torch
 
 from zero_core.layout import GroupLayout, compute_partition_numel
-from zero_ckpt.errors import CheckpointError, CorruptShardError, LayoutMismatchError, raise_problems
+from zero_ckpt.errors import CheckpointError, LayoutMismatchError
 from zero_ckpt.formats.deepspeed.reading import DEEPSPEED_ALIGN
 from zero_ckpt.formats.torch_zip import (
     STORAGE_DTYPES,
@@ -121,7 +121,7 @@ from zero_ckpt.safetensors_format import dtype_size
 from zero_ckpt.destination import prepare_destination
 from zero_ckpt.storage import Location, open_location
 from zero_ckpt.segments import CastViaSegment, Crc32Segment, LiteralSegment, Segment, ZerosSegment
-from zero_ckpt.transfer import ProgressFn, ProgressTracker, SourceChecks, run_file_plans
+from zero_ckpt.transfer import ProgressFn, ProgressTracker, write_and_commit
 from zero_ckpt.view import ModelTensor, SourceView, WriteResult
 
 __all__ = [
@@ -1140,26 +1140,16 @@ def _run(src: _Source, d: Location, jobs: list[_Job], commit: tuple[str, bytes],
     """Write every job through the engine, check the sources' checksums, then the commit file."""
     plans = [_file_plan(j) for j in jobs]
     tracker = ProgressTracker(progress, sum(_read_bytes(p) for p in plans)) if progress is not None else None
-    view = src.view
-    checks = SourceChecks() if view.checked_files else None
-    written = run_file_plans(src.loc, d, plans, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
-                             checks=checks, fsync=fsync)
-    try:
-        if checks is not None:
-            raise_problems(
-                checks.problems(src.loc, view.checked_files, view.checks.headers, view.checks.header_crcs),
-                CorruptShardError,
-            )
+
+    def write_commit_file(_: Any) -> None:
         with d.writer(commit[0], len(commit[1])) as writer:
             writer.write(commit[1])
             writer.commit(fsync=fsync)
-    except BaseException:
-        for rel in written:
-            try:
-                d.remove(rel)
-            except CheckpointError:
-                pass
-        raise
+
+    written = write_and_commit(
+        src.loc, d, src.view, plans, write_commit_file, progress=tracker, workers=workers,
+        chunk_bytes=chunk_bytes, fsync=fsync,
+    )
     return tuple(sorted(written)) + (commit[0],), sum(w.bytes for w in written.values()) + len(commit[1])
 
 

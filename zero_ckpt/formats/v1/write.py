@@ -11,11 +11,10 @@ from dataclasses import replace
 from typing import Any, Mapping
 
 from zero_ckpt.destination import check_reads, claim_destination, prepare_output
-from zero_ckpt.errors import CorruptShardError, raise_problems
 from zero_ckpt.manifest import MANIFEST_NAME, MODEL_FILE_NAME, Manifest
 from zero_ckpt.plan import ReshardPlan, plan_reshard
 from zero_ckpt.storage import Location
-from zero_ckpt.transfer import ProgressFn, ProgressTracker, SourceChecks, WrittenFile, run_file_plans
+from zero_ckpt.transfer import ProgressFn, ProgressTracker, WrittenFile, write_and_commit
 from zero_ckpt.view import SourceView
 
 __all__ = ["write_view", "target_manifest", "VERSION"]
@@ -69,21 +68,15 @@ def write_view(
     check_reads(d, sources=(s,), files=[(s, f.path) for f in view.files])
     with claim_destination(d, "reshard" if view.format == "zero-ckpt" else "convert", overwrite):
         prepare_output(d, overwrite, folders=("shards",))
-        checks = SourceChecks()
-        tracker = ProgressTracker(progress, sum(f.data_bytes for f in plan.files))
-        written = run_file_plans(
-            s, d, plan.files, workers=workers, chunk_bytes=chunk_bytes, progress=tracker,
-            checks=checks, fsync=fsync,
+        committed: list[Manifest] = []
+
+        def commit(written: Mapping[str, WrittenFile]) -> None:
+            committed.append(target_manifest(view, plan, written, d, src_url or s.url))
+            d.write_atomic(MANIFEST_NAME, committed[0].to_json().encode())
+
+        write_and_commit(
+            s, d, view, plan.files, commit,
+            progress=ProgressTracker(progress, sum(f.data_bytes for f in plan.files)),
+            workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
         )
-        try:
-            raise_problems(
-                checks.problems(s, view.checked_files, view.checks.headers, view.checks.header_crcs),
-                CorruptShardError,
-            )
-            target = target_manifest(view, plan, written, d, src_url or s.url)
-            d.write_atomic(MANIFEST_NAME, target.to_json().encode())
-        except BaseException:
-            for path in written:
-                d.remove(path)
-            raise
-    return target
+    return committed[0]
