@@ -48,7 +48,8 @@ def list_(
 
 
 _KIND_LABELS = {
-    "zero-ckpt": "zero-ckpt", "deepspeed": "deepspeed", "hf": "hf weights", "torch": "torch files",
+    "zero-ckpt": "zero-ckpt", "deepspeed": "deepspeed", "dcp": "dcp", "hf": "hf weights",
+    "torch": "torch files",
     "folder": "folder",
 }
 

@@ -261,3 +261,27 @@ def test_v1_to_dcp_then_fsdp2_at_4_ranks(fsdp2_ckpt: Path, reference: dict, tmp_
     again = torch.load(tmp_path / "again.pt", weights_only=False)
     for name, t in reference["model"].items():
         assert _bits_equal(again["model"][name], t), name
+
+
+# ----- run directories --------------------------------------------------------------------------
+
+
+def test_list_shows_dcp_checkpoints_of_a_run_and_retention_keeps_them(fsdp2_ckpt: Path, tmp_path: Path) -> None:
+    from zero_ckpt.runs import apply_retention, list_checkpoints
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(fsdp2_ckpt, run / "step-2")
+    (run / "step-3").mkdir()  # a save that died before rank 0 wrote .metadata
+    for r in range(2):
+        (run / "step-3" / f"__{r}_0.distcp").write_bytes(b"x" * 10)
+    infos = {c.name: c for c in list_checkpoints(str(run))}
+    done, broken = infos["step-2"], infos["step-3"]
+    assert (done.kind, done.status, done.step, done.world_size) == ("dcp", "complete", 2, 2)
+    assert (broken.kind, broken.status, broken.world_size) == ("dcp", "incomplete", 2)
+    assert ".metadata" in broken.problem
+    code, text = _cli("list", str(run))
+    assert code == 0 and "dcp" in text and "step-2" in text
+    # another tool's saves are never deleted
+    assert apply_retention(str(run), keep_last=1) == []
+    assert (run / "step-2" / ".metadata").exists() and (run / "step-3").exists()

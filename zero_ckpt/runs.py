@@ -64,6 +64,8 @@ _MAX_LATEST_BYTES = 4096
 _CLAIM_MARKER = "zero-ckpt-incomplete.json"  # a job's claim on its destination (storage)
 _DS_OPTIM = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _DS_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_DCP_FILE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
+_DCP_METADATA = ".metadata"
 _DS_MODEL_FILE = "mp_rank_00_model_states.pt"
 _HF_FILE = re.compile(
     r"^(config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)"
@@ -91,7 +93,10 @@ class CheckpointInfo:
     ``kind``: ``"zero-ckpt"`` (format v1, as above); ``"deepspeed"`` (a DeepSpeed ZeRO tag
     folder such as ``global_step1200``: ``step`` from its name, ``world_size`` from its
     ``*_optim_states.pt`` files, complete when every rank's file and
-    ``mp_rank_00_model_states.pt`` are there, ``bytes`` the files' sizes); or, for folders that
+    ``mp_rank_00_model_states.pt`` are there, ``bytes`` the files' sizes); ``"dcp"`` (a PyTorch
+    DCP checkpoint folder such as torchtitan's ``step-1200``: ``step`` from its name,
+    ``world_size`` from its ``__<rank>_0.distcp`` files, complete when ``.metadata``, which
+    ``dcp.save`` writes last, is there); or, for folders that
     are not checkpoints (``status`` ``"not-a-checkpoint"``), ``"hf"`` (consolidated weights:
     ``config.json``/``model*.safetensors``/``pytorch_model*.bin``), ``"torch"`` (``*.pt``
     files) and ``"folder"`` (anything else); ``problem`` says what it holds.
@@ -556,6 +561,8 @@ def _list(
         kind = kinds[name]
         if kind == "deepspeed":
             infos.append(_describe_deepspeed(run, name, groups[name], name == latest))
+        elif kind == "dcp":
+            infos.append(_describe_dcp(run, name, groups[name], name == latest))
         elif kind != "zero-ckpt":
             others.append(
                 CheckpointInfo(
@@ -619,6 +626,8 @@ def _kind_of(files: list[str]) -> str:
         return "zero-ckpt"
     if any(_DS_OPTIM.match(f) or _DS_MODEL.match(f) for f in top):
         return "deepspeed"
+    if _DCP_METADATA in top or any(_DCP_FILE.match(f) for f in top):
+        return "dcp"
     if _CLAIM_MARKER in top or any(
         f.startswith((_SHARDS_DIR + "/", _PARTS_DIR + "/")) for f in files
     ):
@@ -647,6 +656,29 @@ def _describe_other(kind: str, files: list[str]) -> str:
     return f"{len(files)} file{'s' if len(files) != 1 else ''}" + (
         f" in {len(subdirs)} subfolder{'s' if len(subdirs) != 1 else ''}" if subdirs else ""
     ) + ", no checkpoint"
+
+
+def _describe_dcp(run: Location, name: str, files: list[str], is_latest: bool) -> CheckpointInfo:
+    """A DCP checkpoint folder from its file names (nothing is read but their sizes)."""
+    top = [f for f in files if "/" not in f]
+    ranks = sorted({int(m.group(1)) for f in top if (m := _DCP_FILE.match(f))})
+    problem = None
+    if _DCP_METADATA not in top:
+        problem = f"no {_DCP_METADATA} (dcp.save writes it last: the save did not finish)"
+    elif not ranks:
+        problem = "no __<rank>_0.distcp files"
+    return CheckpointInfo(
+        name=name,
+        url=run.url_of(name),
+        status="complete" if problem is None else "incomplete",
+        step=_name_number(name),
+        world_size=len(ranks) or None,
+        bytes=_present_bytes(run, name, files),
+        files=len(files),
+        is_latest=is_latest,
+        problem=None if problem is None else f"{run.url_of(name)}: {problem}",
+        kind="dcp",
+    )
 
 
 def _describe_deepspeed(
