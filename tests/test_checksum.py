@@ -214,3 +214,16 @@ def test_parse_rejects_non_hex_digits(text):
     with pytest.raises(ValueError) as info:
         parse_checksum(text)
     assert str(info.value) == f"checksum {text!r} is not of the form 'crc32c:<8 hex digits>'"
+
+
+@given(st.binary(max_size=300), st.binary(max_size=300))
+def test_zip_crc32_combine_matches_zlib(a: bytes, b: bytes) -> None:
+    import zlib
+
+    from zero_ckpt.checksum import zip_crc32_combine
+
+    assert zip_crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    pieces = PieceChecksums()
+    pieces.add(len(a), len(b), zlib.crc32(b))
+    pieces.add(0, len(a), zlib.crc32(a))
+    assert pieces.combine(len(a) + len(b), zip_crc32_combine) == zlib.crc32(a + b)

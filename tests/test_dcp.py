@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -108,23 +109,31 @@ def test_inspect_and_verify_read_dcp(fsdp2_ckpt: Path) -> None:
 def test_damaged_record_is_found_and_refused(fsdp2_ckpt: Path, tmp_path: Path) -> None:
     import zero_ckpt
     from zero_ckpt.formats.dcp.reading import read_dcp
+    from zero_ckpt.formats.dcp.records import locate_tensor_record
     from zero_ckpt.storage import open_location
 
     bad = tmp_path / "bad"
     shutil.copytree(fsdp2_ckpt, bad)
     with open_location(str(bad)) as loc:
         meta = read_dcp(loc).meta
-    chunk = meta.tensors["optim.state.out.weight.exp_avg"].chunks[0]
+        t = meta.tensors["optim.state.out.weight.exp_avg"]
+        chunk = t.chunks[0]
+        start, nbytes = locate_tensor_record(
+            loc, chunk.file, chunk.byte_offset, chunk.byte_length, t.dtype, math.prod(chunk.sizes)
+        )
     path = bad / chunk.file
     data = bytearray(path.read_bytes())
-    data[chunk.byte_offset + chunk.byte_length // 2] ^= 0xFF  # inside the record
+    data[start + nbytes // 2] ^= 0xFF  # a value of the tensor: its zip CRC-32 no longer matches
     path.write_bytes(bytes(data))
     report = zero_ckpt.verify(str(bad))
     assert not report.ok and report.problems[0].kind in ("checksum", "structure")
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError):
-        zero_ckpt.consolidate(str(bad), str(out))
-    assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        zero_ckpt.consolidate(str(bad), str(out), include_optimizer=True)
+    assert not out.exists() or not any(out.iterdir())  # nothing committed, nothing left
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        zero_ckpt.convert(str(bad), str(tmp_path / "v1"), world_size=3)
+    assert not (tmp_path / "v1" / "manifest.json").exists()
 
 
 def test_a_malicious_metadata_is_refused(fsdp2_ckpt: Path, tmp_path: Path) -> None:
@@ -285,3 +294,19 @@ def test_list_shows_dcp_checkpoints_of_a_run_and_retention_keeps_them(fsdp2_ckpt
     # another tool's saves are never deleted
     assert apply_retention(str(run), keep_last=1) == []
     assert (run / "step-2" / ".metadata").exists() and (run / "step-3").exists()
+
+
+def test_jobs_check_dcp_records_as_they_stream(fsdp2_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every chunk is one zip record read whole: its CRC-32 is checked as the bytes pass, so the
+    jobs never read the checkpoint a second time for the format's own check."""
+    import zero_ckpt
+    import zero_ckpt.formats.dcp as dcp_format
+
+    def second_read(loc, view):  # noqa: ANN001
+        raise RuntimeError("the precheck read the records again")
+
+    monkeypatch.setattr(dcp_format, "precheck", second_read)
+    zero_ckpt.consolidate(str(fsdp2_ckpt), str(tmp_path / "hf"), include_optimizer=True)
+    zero_ckpt.convert(str(fsdp2_ckpt), str(tmp_path / "v1"), world_size=3)
+    zero_ckpt.convert(str(fsdp2_ckpt), str(tmp_path / "dcp3"), to_format="dcp", world_size=3)
+    assert zero_ckpt.verify(str(tmp_path / "v1")).ok

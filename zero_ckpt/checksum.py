@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import crc32c as _crc32c
 
@@ -19,6 +20,7 @@ __all__ = [
     "ALGORITHM",
     "crc32c",
     "crc32c_combine",
+    "zip_crc32_combine",
     "format_checksum",
     "parse_checksum",
     "PieceChecksums",
@@ -27,6 +29,7 @@ __all__ = [
 ALGORITHM = "crc32c"
 _HEX8 = re.compile(r"[0-9a-fA-F]{8}")
 _POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
+_ZLIB_POLY = 0xEDB88320  # CRC-32 of zlib and zip (IEEE 802.3), reflected
 
 
 def crc32c(data, value: int = 0) -> int:
@@ -34,7 +37,7 @@ def crc32c(data, value: int = 0) -> int:
     return _crc32c.crc32c(data, value)
 
 
-def _multmodp(a: int, b: int) -> int:
+def _multmodp(a: int, b: int, poly: int) -> int:
     """Product of two polynomials modulo the CRC polynomial (reflected bit order, as zlib)."""
     m = 1 << 31
     p = 0
@@ -44,37 +47,47 @@ def _multmodp(a: int, b: int) -> int:
             if (a & (m - 1)) == 0:
                 break
         m >>= 1
-        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+        b = (b >> 1) ^ poly if b & 1 else b >> 1
     return p
 
 
-def _x2n_table() -> list[int]:
+def _x2n_table(poly: int) -> list[int]:
     table = [1 << 30]  # x^(2^0)
     for _ in range(1, 32):
-        table.append(_multmodp(table[-1], table[-1]))
+        table.append(_multmodp(table[-1], table[-1], poly))
     return table
 
 
-_X2N = _x2n_table()
+_X2N = {_POLY: _x2n_table(_POLY), _ZLIB_POLY: _x2n_table(_ZLIB_POLY)}
 
 
-def _x8nmodp(nbytes: int) -> int:
+def _x8nmodp(nbytes: int, poly: int) -> int:
     """x^(8 * nbytes) modulo the polynomial."""
+    table = _X2N[poly]
     p = 1 << 31  # x^0
     k = 3
     while nbytes:
         if nbytes & 1:
-            p = _multmodp(_X2N[k & 31], p)
+            p = _multmodp(table[k & 31], p, poly)
         nbytes >>= 1
         k += 1
     return p
 
 
-def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
-    """CRC32C of ``A + B`` given ``crc(A)``, ``crc(B)`` and ``len(B)`` in bytes."""
+def _combine(crc_a: int, crc_b: int, len_b: int, poly: int) -> int:
     if len_b < 0:
         raise ValueError(f"length must be >= 0, got {len_b}")
-    return _multmodp(_x8nmodp(len_b), crc_a) ^ crc_b
+    return _multmodp(_x8nmodp(len_b, poly), crc_a, poly) ^ crc_b
+
+
+def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """CRC32C of ``A + B`` given ``crc(A)``, ``crc(B)`` and ``len(B)`` in bytes."""
+    return _combine(crc_a, crc_b, len_b, _POLY)
+
+
+def zip_crc32_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """zlib's CRC-32 (what zip records hold) of ``A + B`` from ``crc(A)``, ``crc(B)``, ``len(B)``."""
+    return _combine(crc_a, crc_b, len_b, _ZLIB_POLY)
 
 
 def format_checksum(crc: int) -> str:
@@ -111,7 +124,9 @@ class PieceChecksums:
     def covered(self) -> int:
         return sum(length for _, length, _ in self.pieces)
 
-    def combine(self, file_bytes: int) -> int:
+    def combine(self, file_bytes: int, combine: "Callable[[int, int, int], int]" = crc32c_combine) -> int:
+        """The CRC of ``[0, file_bytes)`` from the pieces (``combine``: the polynomial's
+        combination, CRC32C by default, :func:`zip_crc32_combine` for zlib CRC-32 pieces)."""
         total = 0
         cursor = 0
         for offset, length, crc in sorted(self.pieces):
@@ -120,7 +135,7 @@ class PieceChecksums:
                     f"checksum pieces do not tile the file: expected a piece at byte {cursor}, "
                     f"got one at {offset}"
                 )
-            total = crc32c_combine(total, crc, length)
+            total = combine(total, crc, length)
             cursor += length
         if cursor != file_bytes:
             raise ValueError(f"checksum pieces cover {cursor} bytes of {file_bytes}")

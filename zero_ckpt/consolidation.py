@@ -136,7 +136,7 @@ def consolidate(
                     raise
 
             written = write_and_commit(
-                s, d, view, plan.files, commit,
+                s, d, view, plan.files, commit, precheck=lambda: precheck(s, view),
                 progress=ProgressTracker(progress, sum(op.src_nbytes for f in plan.files for op in f.ops)),
                 workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
             )
@@ -365,10 +365,9 @@ def _plan(
     s: Location, dtype: str | None, max_shard_size: int | None, include_optimizer: bool,
     hf: _HfFiles, all_tied_names: bool, from_format: str,
 ) -> tuple[SourceView, ConsolidatePlan]:
-    # Any registered format: the view says where every byte is; formats without checksums of
-    # their own are prechecked before anything is written.
+    # Any registered format: the view says where every byte is. What its checksums (or the zip
+    # CRC-32s of records read whole) do not cover as it streams, the format checks before commit.
     view = open_view(s, from_format)
-    precheck(s, view)
     plan = plan_consolidate(
         view, dtype=dtype, max_shard_size=max_shard_size, include_optimizer=include_optimizer,
         tied_names=tied_names_for(view.manifest, hf.config, all_tied_names=all_tied_names),
@@ -382,6 +381,7 @@ def _part_work(
     chunk_bytes: int | None, fsync: bool | None, from_format: str,
 ) -> PartWork:
     view, plan = _plan(s, dtype, max_shard_size, include_optimizer, hf, all_tied_names, from_format)
+    precheck(s, view)  # a part sees only its share of the reads: the format checks its files first
     hf.check_reads(d)
     options = {"dtype": dtype, "max_shard_size": max_shard_size, "include_optimizer": include_optimizer}
     if hf.loc is not None:

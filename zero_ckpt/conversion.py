@@ -4,7 +4,8 @@ The source is opened as a :class:`~zero_ckpt.view.SourceView` by its format pack
 :mod:`zero_ckpt.formats.registry`) and handed to the target format's writer: format v1
 (``zero_ckpt.formats.v1.write``, the same writer ``reshard`` uses), DeepSpeed ZeRO-1/2 or
 PyTorch DCP. Nothing is loaded whole; memory stays within the engine's buffers. Formats without
-checksums of their own (DeepSpeed, DCP) are prechecked before anything is written.
+checksums of their own (DeepSpeed, DCP, torch) are checked against their zip CRC-32s before the
+output is committed (as the bytes stream where the view allows).
 
 Plain torch sources (a folder with ``optimizer.pt`` and ``model.safetensors``/``model.pt``, or
 one ``.pt`` training checkpoint) have no byte layout to stream from: their format package
@@ -106,12 +107,12 @@ def convert(
             from zero_ckpt.resharding import check_expected_world_size
 
             check_expected_world_size(view, expected_world_size)
-        precheck(s, view)
         with open_location(dst, d_opts) as d:
             return _result(d, write(
                 s, d, view, world_size=world_size or view.manifest.world_size,
                 overwrite=overwrite, progress=progress, workers=workers,
                 chunk_bytes=chunk_bytes, fsync=fsync, src_url=src, tag=tag,
+                precheck=lambda: precheck(s, view),
             ))
 
 

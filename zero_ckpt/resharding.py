@@ -59,6 +59,7 @@ def reshard(
         return write_view(
             s, d, view, world_size=world_size, overwrite=overwrite, progress=progress,
             workers=workers, chunk_bytes=chunk_bytes, fsync=fsync, src_url=src,
+            precheck=lambda: precheck(s, view),
         )
 
 
@@ -131,7 +132,6 @@ def check_expected_world_size(view: SourceView, expected: int | None) -> None:
 def _open(s: Location, expected_world_size: int | None, from_format: str) -> SourceView:
     view = open_view(s, from_format)
     check_expected_world_size(view, expected_world_size)
-    precheck(s, view)
     return view
 
 
@@ -140,6 +140,7 @@ def _part_work(
     from_format: str, src: str,
 ) -> PartWork:
     view = _open(s, expected_world_size, from_format)
+    precheck(s, view)  # a part sees only its share of the reads: the format checks its files first
     plan = plan_reshard(view, world_size)
     job = make_job(
         "reshard", {"world_size": world_size}, view.manifest, parts, VERSION,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import threading
 import zlib
+import zlib
 from collections import defaultdict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 
 from zero_ckpt import knobs
-from zero_ckpt.checksum import PieceChecksums, crc32c, format_checksum, parse_checksum
+from zero_ckpt.checksum import PieceChecksums, crc32c, format_checksum, parse_checksum, zip_crc32_combine
 from zero_ckpt.errors import CheckpointError, Problem
 
 # Re-exported: executors import the readers from here together with the engine.
@@ -132,10 +133,53 @@ class SourceChecks:
 
     pieces: dict[tuple[str, str | None], PieceChecksums] = field(default_factory=lambda: defaultdict(PieceChecksums))
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # zip records checked by their zlib CRC-32 as they stream (see SourceChecksInfo.zip_units)
+    zip_units: Mapping[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    zip_pieces: dict[tuple[str, str], PieceChecksums] = field(default_factory=lambda: defaultdict(PieceChecksums))
 
     def add(self, file: str, tensor: str | None, offset: int, length: int, crc: int) -> None:
         with self._lock:
             self.pieces[(file, tensor)].add(offset, length, crc)
+
+    def add_read(self, file: str, tensor: str | None, offset: int, data: memoryview) -> None:
+        """Record the checksums of source bytes just read (``offset`` inside ``tensor``)."""
+        self.add(file, tensor, offset, len(data), crc32c(data))
+        if tensor is not None and (file, tensor) in self.zip_units:
+            crc = zlib.crc32(data)
+            with self._lock:
+                self.zip_pieces[(file, tensor)].add(offset, len(data), crc)
+
+    def streamed_all(self, plans: Sequence[FilePlan]) -> bool:
+        """Whether every source byte the plans read lies in a zip unit that was read whole, and
+        so was checked against its CRC-32 as it streamed. Call after the plans ran."""
+        if not self.zip_units:
+            return False
+        used = set()
+        for plan in plans:
+            for seg in plan.ops:
+                op = seg.op if isinstance(seg, CastViaSegment) else seg
+                if isinstance(op, CopyOp) and op.numel:
+                    key = (op.src_file, op.src_tensor)
+                    if key not in self.zip_units:
+                        return False
+                    used.add(key)
+        return all(
+            key in self.zip_pieces and self.zip_pieces[key].covered() == self.zip_units[key][1]
+            for key in used
+        )
+
+    def zip_problems(self, loc: Location) -> list[Problem]:
+        """Every zip unit read whole whose bytes do not match the CRC-32 its zip records."""
+        out = []
+        for key, pc in sorted(self.zip_pieces.items()):
+            crc, nbytes = self.zip_units[key]
+            if pc.covered() == nbytes and pc.combine(nbytes, zip_crc32_combine) != crc:
+                file, unit = key
+                out.append(Problem(
+                    loc.url_of(file), f"{unit}: its bytes do not match the CRC-32 its zip record "
+                    "holds (the file is damaged; restore it from a good copy)", "checksum",
+                ))
+        return out
 
     def merge(self, other: "SourceChecks") -> None:
         for key, pc in other.pieces.items():
@@ -380,7 +424,7 @@ def copy_op_into(
         view = memoryview(buf)[: n * src_size]
         src.read_into(op.src_file, op.src_start + done * src_size, view)
         if checks is not None and op.check_source:
-            checks.add(op.src_file, op.src_tensor, op.src_offset + done * src_size, len(view), crc32c(view))
+            checks.add_read(op.src_file, op.src_tensor, op.src_offset + done * src_size, view)
         if cast:
             import torch
 
@@ -557,27 +601,33 @@ def write_and_commit(
     plans: Sequence[FilePlan],
     commit: Callable[[Mapping[str, WrittenFile]], None],
     *,
+    precheck: Callable[[], None] | None = None,
     progress: ProgressTracker | None = None,
     workers: int | None = None,
     chunk_bytes: int | None = None,
     fsync: bool | None = None,
 ) -> dict[str, WrittenFile]:
-    """Every writer's tail: run ``plans`` from ``view``'s files, check the source bytes against
-    the checksums the view records (CorruptShardError naming every bad file), then
-    ``commit(written)`` (the job's commit file: ``manifest.json``, ``latest``, ``.metadata``).
-    On any error, the files this call wrote are removed and nothing is committed."""
+    """Every writer's tail: run ``plans`` from ``view``'s files, check the source bytes as they
+    stream against what the view records (format v1's CRC32Cs; the zlib CRC-32 of zip records
+    read whole), run ``precheck`` (the format's own check of its files) only if some byte the
+    plans read was not covered that way, then ``commit(written)`` (the job's commit file:
+    ``manifest.json``, ``latest``, ``.metadata``). CorruptShardError names every bad file. On
+    any error the files this call wrote are removed and nothing is committed."""
     from zero_ckpt.errors import CorruptShardError, raise_problems
 
-    checks = SourceChecks()
+    checks = SourceChecks(zip_units=dict(view.checks.zip_units))
     written = run_file_plans(
         src, dst, plans, workers=workers, chunk_bytes=chunk_bytes, progress=progress,
         checks=checks, fsync=fsync,
     )
     try:
         raise_problems(
-            checks.problems(src, view.checked_files, view.checks.headers, view.checks.header_crcs),
+            checks.problems(src, view.checked_files, view.checks.headers, view.checks.header_crcs)
+            + checks.zip_problems(src),
             CorruptShardError,
         )
+        if precheck is not None and not checks.streamed_all(plans):
+            precheck()
         commit(written)
     except BaseException:
         for rel in written:

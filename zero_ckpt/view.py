@@ -90,10 +90,15 @@ class ModelTensor:
 @dataclass(frozen=True)
 class SourceChecksInfo:
     """What the streamed source bytes are checked against: for each recorded file, its parsed
-    header (by path) and the CRC of the header bytes. Empty for formats without checksums."""
+    header (by path) and the CRC of the header bytes (format v1's CRC32Cs); and ``zip_units``:
+    ``(file, unit) -> (zlib CRC-32, nbytes)`` of stored records whose bytes an extent names as
+    its ``tensor`` (formats without checksums of their own whose tensors are whole zip entries,
+    e.g. DCP chunks). A unit read whole as it streams is checked against its CRC-32; anything
+    else the format checks before commit (its ``precheck``)."""
 
     headers: Mapping[str, SafetensorsHeader] = field(default_factory=dict)
     header_crcs: Mapping[str, int] = field(default_factory=dict)
+    zip_units: Mapping[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

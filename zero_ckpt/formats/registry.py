@@ -9,8 +9,9 @@ Each line names a format and the package that implements it. A format package ex
   (:mod:`zero_ckpt.view`), reading only metadata;
 * optionally ``describe(loc) -> Manifest``: the logical content alone, cheaper than a view
   (``inspect``);
-* optionally ``precheck(loc, view)``: verify the files before any of their bytes shape an
-  output (formats without checksums of their own check what they can, e.g. zip CRC-32s);
+* optionally ``precheck(loc, view)``: verify the files before an output is committed (formats
+  without checksums of their own check what they can, e.g. zip CRC-32s); jobs run it only for
+  what the checks made as the bytes stream did not cover (``SourceChecksInfo.zip_units``);
 * optionally ``verify(loc, report, chunk_bytes, progress)``: ``zero-ckpt verify`` for the format;
 * optionally ``import_source(src, dst, **options) -> Manifest``: for sources with no byte
   layout to stream from (a plain torch state dict), write format v1 directly;

@@ -694,6 +694,7 @@ class _Record:
     name: str
     data_start: int
     nbytes: int
+    crc: int = 0  # the zlib CRC-32 the central directory records for it
 
 
 class TorchZipFile:
@@ -747,6 +748,11 @@ class TorchZipFile:
                 f"{rec.nbytes} (damaged)"
             )
         return rec.data_start, rec.nbytes
+
+    def storage_crc(self, storage: StorageRef) -> int:
+        """The zlib CRC-32 the zip records for a storage's bytes (see :meth:`storage_range`)."""
+        self.storage_range(storage)
+        return self.records[f"{self.archive}/data/{storage.key}"].crc
 
     def tensor_range(self, t: TensorRef, what: str = "tensor") -> tuple[int, int]:
         """``(absolute byte start, nbytes)`` of a contiguous tensor's elements in the file."""
@@ -849,7 +855,7 @@ def open_torch_zip(loc: Location, rel: str) -> TorchZipFile:
                     f"end of the file ({size} bytes): truncated",
                     path=url,
                 )
-            records[info.filename] = _Record(info.filename, data_start, info.file_size)
+            records[info.filename] = _Record(info.filename, data_start, info.file_size, info.CRC)
     if archive is None:
         raise CorruptShardError(f"{url}: the zip has no <archive>/data.pkl: not a torch.save file", path=url)
     return TorchZipFile(loc, rel, size, archive, records, tuple(compressed))

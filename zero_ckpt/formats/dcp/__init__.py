@@ -67,7 +67,8 @@ def open_view(loc: Any) -> Any:
 
 def precheck(loc: Any, view: Any) -> None:
     """DCP records no checksums: every record the view reads is checked against the zip
-    CRC-32s ``torch.save`` stored in it, before any of its bytes shape an output."""
+    CRC-32s ``torch.save`` stored in it (jobs that read every chunk whole check them as they
+    stream instead, and skip this)."""
     from zero_ckpt.errors import CorruptShardError, raise_problems
     from zero_ckpt.formats.dcp.checking import check_records, records_of
     from zero_ckpt.formats.dcp.reading import read_dcp

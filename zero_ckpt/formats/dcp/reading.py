@@ -32,7 +32,7 @@ from zero_ckpt.formats.dcp.metadata import (
 from zero_ckpt.formats.dcp.records import locate_tensor_record, read_bytes_item
 from zero_ckpt.manifest import FileMeta, GroupMeta, Manifest, ParamMeta
 from zero_ckpt.storage import Location
-from zero_ckpt.view import NO_CHECKSUM, Extent, ModelTensor, SourceView
+from zero_ckpt.view import NO_CHECKSUM, Extent, ModelTensor, SourceChecksInfo, SourceView
 
 __all__ = ["DcpSource", "read_dcp", "dcp_view", "FLOAT_DTYPES"]
 
@@ -111,20 +111,24 @@ def _flat_range(t: DcpTensor, offsets: tuple[int, ...], sizes: tuple[int, ...], 
     return start, start + math.prod(sizes)
 
 
-def _pieces(src: DcpSource, t: DcpTensor, base: int = 0) -> list[Extent]:
-    """Extents of ``t`` (located in their records), shifted by ``base`` elements, in order;
-    DcpFormatError unless they tile the tensor exactly."""
+def _pieces(src: DcpSource, t: DcpTensor, base: int = 0) -> tuple[list[Extent], dict]:
+    """Extents of ``t`` (located in their records), shifted by ``base`` elements, in order, and
+    each record's ``(file, unit) -> (zip CRC-32, nbytes)``; DcpFormatError unless they tile the
+    tensor exactly."""
     pieces = []
+    units = {}
     for c in t.chunks:
         lo, hi = _flat_range(t, c.offsets, c.sizes, src)
         if hi == lo:
             continue
-        start, _ = locate_tensor_record(
+        crc: list[int] = []
+        start, nbytes = locate_tensor_record(
             src.loc, c.file, c.byte_offset, c.byte_length, t.dtype, hi - lo,
-            what=f"{t.fqn} at offsets {list(c.offsets)}",
+            what=f"{t.fqn} at offsets {list(c.offsets)}", crc_out=crc,
         )
-        pieces.append(Extent(base + lo, base + hi, c.file, start, t.dtype,
-                             f"{t.fqn}@{','.join(map(str, c.offsets))}", 0))
+        unit = f"{t.fqn}@{','.join(map(str, c.offsets))}"
+        units[(c.file, unit)] = (crc[0], nbytes)
+        pieces.append(Extent(base + lo, base + hi, c.file, start, t.dtype, unit, 0))
     pieces.sort(key=lambda e: e.start)
     pos = base
     for e in pieces:
@@ -136,7 +140,7 @@ def _pieces(src: DcpSource, t: DcpTensor, base: int = 0) -> list[Extent]:
         pos = e.stop
     if pos != base + t.numel:
         raise src.fail(f"{t.fqn}: elements [{pos - base}, {t.numel}) are stored in no chunk; the checkpoint is damaged")
-    return pieces
+    return pieces, units
 
 
 def _scalar(src: DcpSource, t: DcpTensor) -> Any:
@@ -253,13 +257,15 @@ def dcp_view(loc: Location, workers: int = 8) -> SourceView:
         located = list(pool.map(lambda job: _pieces(src, job[1], job[2]), jobs))
     state: dict[tuple[int, str], list[Extent]] = {}
     model: list[ModelTensor] = []
-    for (where, t, _), pieces in zip(jobs, located):
+    zip_units: dict[tuple[str, str], tuple[int, int]] = {}
+    for (where, t, _), (pieces, units) in zip(jobs, located):
+        zip_units.update(units)
         if where[0] == "model":
             model.append(ModelTensor(where[1], t.dtype, t.shape, tuple(pieces)))
         else:
             state.setdefault(where, []).extend(pieces)
 
-    files = sorted({e.file for ps in located for e in ps}, key=_file_order)
+    files = sorted({e.file for ps, _ in located for e in ps}, key=_file_order)
     world = max(1, len(files))
     groups = [_with_partition(g, world) for g in groups]
     shards = tuple(FileMeta(f, loc.size(f), NO_CHECKSUM, rank=i) for i, f in enumerate(files))
@@ -271,6 +277,7 @@ def dcp_view(loc: Location, workers: int = 8) -> SourceView:
         format="dcp", url=loc.url, manifest=manifest,
         state={k: tuple(sorted(v, key=lambda e: e.start)) for k, v in state.items()},
         model=tuple(model),
+        checks=SourceChecksInfo(zip_units=zip_units),
         origin={"model_key": ".".join(map(str, model_root)), "optimizer_key": ".".join(map(str, opt))},
     )
 

@@ -112,6 +112,7 @@ def locate_tensor_record(
     expect_numel: int,
     expect_shape: tuple[int, ...] | None = None,
     what: str = "chunk",
+    crc_out: list[int] | None = None,
 ) -> tuple[int, int]:
     """``(absolute byte offset in loc/rel, nbytes)`` of the elements of the one tensor stored
     in the torch.save record at ``[byte_offset, byte_offset + byte_length)`` of ``loc/rel``.
@@ -119,7 +120,8 @@ def locate_tensor_record(
     The tensor must have ``expect_dtype`` (our dtype names) and ``expect_numel`` elements (and
     ``expect_shape`` when given) and cover its whole storage contiguously from element 0 (how
     DCP saves a chunk); otherwise :class:`DcpFormatError` naming the file and ``what``. Only the
-    record's zip directory and pickle are read."""
+    record's zip directory and pickle are read. ``crc_out`` (a list) receives the zlib CRC-32
+    the record's zip directory holds for those bytes (they are the whole record entry)."""
     zf = _open_record(loc, rel, byte_offset, byte_length, what)
     obj = zf.load()
     url = zf.url
@@ -145,6 +147,8 @@ def locate_tensor_record(
             "contiguously; DCP saves chunks that do, so the record is not one zero-ckpt reads"
         )
     start, nbytes = zf.tensor_range(obj, what)
+    if crc_out is not None:
+        crc_out.append(zf.storage_crc(obj.storage))
     return byte_offset + start, nbytes
 
 

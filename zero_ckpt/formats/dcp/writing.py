@@ -191,6 +191,7 @@ def write_view(
     workers: int | None = None,
     chunk_bytes: int | None = None,
     fsync: bool | None = None,
+    precheck: Any = None,
     **_: Any,
 ) -> WriteResult:
     """Write ``view`` (read from ``s``) to ``d`` as a DCP checkpoint for ``world_size`` ranks;
@@ -205,6 +206,7 @@ def write_view(
         prepare_output(d, overwrite, outputs=outputs, folders=())
         written = write_and_commit(
             s, d, view, plan.files, lambda _: d.write_atomic(DCP_METADATA_FILE, plan.metadata),
+            precheck=precheck,
             progress=ProgressTracker(progress, sum(f.data_bytes for f in plan.files)),
             workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
         )

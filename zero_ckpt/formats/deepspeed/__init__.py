@@ -60,7 +60,7 @@ def open_view(loc: Any) -> Any:
 
 def precheck(loc: Any, view: Any) -> None:
     """DeepSpeed records no checksums: its files are checked against their zip CRC-32s before
-    anything is written, so a damaged source never shapes an output."""
+    an output is committed, so a damaged source never shapes a committed output."""
     from zero_ckpt.formats.deepspeed.reading import precheck_files
 
     precheck_files(loc)

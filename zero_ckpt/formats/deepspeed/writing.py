@@ -1136,7 +1136,8 @@ class _Writer:
 
 
 def _run(src: _Source, d: Location, jobs: list[_Job], commit: tuple[str, bytes], progress: ProgressFn | None,
-         workers: int | None, chunk_bytes: int | None, fsync: bool | None) -> tuple[tuple[str, ...], int]:
+         workers: int | None, chunk_bytes: int | None, fsync: bool | None,
+         precheck: Any = None) -> tuple[tuple[str, ...], int]:
     """Write every job through the engine, check the sources' checksums, then the commit file."""
     plans = [_file_plan(j) for j in jobs]
     tracker = ProgressTracker(progress, sum(_read_bytes(p) for p in plans)) if progress is not None else None
@@ -1147,7 +1148,7 @@ def _run(src: _Source, d: Location, jobs: list[_Job], commit: tuple[str, bytes],
             writer.commit(fsync=fsync)
 
     written = write_and_commit(
-        src.loc, d, src.view, plans, write_commit_file, progress=tracker, workers=workers,
+        src.loc, d, src.view, plans, write_commit_file, precheck=precheck, progress=tracker, workers=workers,
         chunk_bytes=chunk_bytes, fsync=fsync,
     )
     return tuple(sorted(written)) + (commit[0],), sum(w.bytes for w in written.values()) + len(commit[1])
@@ -1183,9 +1184,10 @@ def write_view(
     src_url: str | None = None,
     tag: str | None = None,
     expected_world_size: int | None = None,
+    precheck: Any = None,
     **_: Any,
 ) -> WriteResult:
-    """Write ``view`` (any format, read from ``s``; prechecked by the caller) to ``d`` as a
+    """Write ``view`` (any format, read from ``s``; ``precheck``: the source format's check of its files, run before the commit when the streamed checks did not cover every byte) to ``d`` as a
     DeepSpeed ZeRO-1/2 run folder for ``world_size`` data-parallel ranks (see
     :func:`write_deepspeed`); ``latest`` last. The registry's writer of ``deepspeed``."""
     if world_size is None or world_size < 1:
@@ -1197,7 +1199,8 @@ def write_view(
     jobs = [w.optim_file(r) for r in range(world_size)] + [w.model_file()]
     jobs = [_Job(posixpath.join(name, j.rel), j.obj) for j in jobs]
     prepare_destination(s, d, overwrite)
-    files, nbytes = _run(source, d, jobs, (_LATEST, name.encode()), progress, workers, chunk_bytes, fsync)
+    files, nbytes = _run(source, d, jobs, (_LATEST, name.encode()), progress, workers, chunk_bytes, fsync,
+                         precheck)
     return WriteResult("deepspeed", d.url, world_size, files, nbytes, tuple(w.notes), tag=name)
 
 
@@ -1215,9 +1218,10 @@ def write_universal_view(
     src_url: str | None = None,
     tag: str | None = None,
     expected_world_size: int | None = None,
+    precheck: Any = None,
     **_: Any,
 ) -> WriteResult:
-    """Write ``view`` (any format, read from ``s``; prechecked by the caller) to ``d`` in
+    """Write ``view`` (any format, read from ``s``; ``precheck``: the source format's check of its files, run before the commit when the streamed checks did not cover every byte) to ``d`` in
     DeepSpeed's universal layout (see :func:`write_deepspeed_universal`); ``latest_universal``
     last. ``world_size`` is ignored: the universal layout loads at any size. The registry's
     writer of ``deepspeed-universal``."""
@@ -1235,7 +1239,7 @@ def write_universal_view(
     jobs = _universal_jobs(w, name)
     prepare_destination(s, d, overwrite)
     commit = (_LATEST_UNIVERSAL, name.encode())
-    files, nbytes = _run(source, d, jobs, commit, progress, workers, chunk_bytes, fsync)
+    files, nbytes = _run(source, d, jobs, commit, progress, workers, chunk_bytes, fsync, precheck)
     return WriteResult("deepspeed-universal", d.url, None, files, nbytes, tuple(w.notes), tag=name)
 
 
@@ -1258,8 +1262,7 @@ def _write_url(
             )
         view = open_view(s, fmt)
         _check_expected(view, expected_world_size)
-        precheck(s, view)
-        return writer(s, d, view, src_url=src, **options)
+        return writer(s, d, view, src_url=src, precheck=lambda: precheck(s, view), **options)
 
 
 def write_deepspeed(

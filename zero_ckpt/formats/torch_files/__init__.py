@@ -45,7 +45,7 @@ def open_view(loc: Location) -> Any:
 
 def precheck(loc: Location, view: Any) -> None:
     """Check every zip record the view reads against its CRC-32 (torch files record no
-    checksums of their own) before any of its bytes shape an output."""
+    checksums of their own) before an output is committed."""
     from zero_ckpt.formats.torch_files.reading import precheck as check
 
     check(loc, view)
@@ -86,7 +86,6 @@ def _write_view(s: Location, src: str, dst: str, view: Any, options: dict[str, A
     from zero_ckpt.formats.v1.write import write_view
     from zero_ckpt.storage import open_location
 
-    precheck(s, view)
     d_opts = options.get("dst_storage_options")
     if d_opts is None:
         d_opts = options.get("storage_options")
@@ -94,4 +93,5 @@ def _write_view(s: Location, src: str, dst: str, view: Any, options: dict[str, A
         return write_view(
             s, d, view, world_size=options.get("world_size") or 1,
             overwrite=bool(options.get("overwrite")), fsync=options.get("fsync"), src_url=src,
+            precheck=lambda: precheck(s, view),
         )

@@ -343,7 +343,7 @@ def torch_view(loc: Location, param_names: Any = None) -> SourceView:
 
 def precheck(loc: Location, view: SourceView) -> None:
     """Plain torch files record no checksums of their own: every zip record the view reads is
-    checked against its CRC-32 before any of its bytes shape an output."""
+    checked against its CRC-32 before an output is committed."""
     from zero_ckpt.formats.torch_zip import verify_record_crcs
 
     files = list(view_files(view))

@@ -8,7 +8,7 @@ knows which format the view came from.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from zero_ckpt.destination import check_reads, claim_destination, prepare_output
 from zero_ckpt.manifest import MANIFEST_NAME, MODEL_FILE_NAME, Manifest
@@ -57,13 +57,15 @@ def write_view(
     chunk_bytes: int | None = None,
     fsync: bool | None = None,
     src_url: str | None = None,
+    precheck: Callable[[], None] | None = None,
     **_: Any,
 ) -> Manifest:
     """Write ``view`` (read from ``s``) to ``d`` as format v1 with ``world_size`` shards.
 
-    Every source byte is checked as it streams against the checksums the view records (formats
-    without any were prechecked by the caller); on any error ``d`` keeps nothing this call
-    wrote and has no ``manifest.json``."""
+    Every source byte is checked as it streams against the checksums the view records;
+    ``precheck`` (the source format's own check of its files) runs before the commit when some
+    byte was not covered that way. On any error ``d`` keeps nothing this call wrote and has no
+    ``manifest.json``."""
     plan = plan_reshard(view, world_size)
     check_reads(d, sources=(s,), files=[(s, f.path) for f in view.files])
     with claim_destination(d, "reshard" if view.format == "zero-ckpt" else "convert", overwrite):
@@ -75,7 +77,7 @@ def write_view(
             d.write_atomic(MANIFEST_NAME, committed[0].to_json().encode())
 
         write_and_commit(
-            s, d, view, plan.files, commit,
+            s, d, view, plan.files, commit, precheck=precheck,
             progress=ProgressTracker(progress, sum(f.data_bytes for f in plan.files)),
             workers=workers, chunk_bytes=chunk_bytes, fsync=fsync,
         )
