@@ -15,7 +15,7 @@ so every rank writes its own ``__r_0.distcp``. Then times, each a fresh process,
 * ``python -c dcp_to_torch_save(SRC, OUT/full.pt)`` (torch's tool: loads everything, one .pt);
 * ``zero-ckpt consolidate SRC OUT --include-optimizer`` (model.safetensors + optimizer.safetensors:
   the same tensors plus each param's master again under ``{param}.master``, streamed and fsynced;
-  its zip CRC-32 precheck reads every record once first); and the same with
+  every record's zip CRC-32 checked as its bytes pass); and the same with
   ``ZERO_CKPT_FSYNC=0`` (``torch.save`` does not fsync either).
 
 Peak RSS is the child's ``ru_maxrss``.
