@@ -26,13 +26,7 @@ from zero_ckpt.storage import Location, open_location
 from zero_ckpt.transfer import ProgressFn
 from zero_ckpt.view import WriteResult
 
-__all__ = ["convert", "consolidate_source", "check_format"]
-
-
-def check_format(loc: Location, from_format: str) -> str:
-    """The source format to read ``loc`` as: ``from_format`` when it names a registered one,
-    else detected. CheckpointError naming the choices for an unknown name."""
-    return resolve(loc, from_format)
+__all__ = ["convert", "consolidate_source"]
 
 
 def convert(
@@ -103,10 +97,7 @@ def convert(
                     ))
         write = writer_for(to_format)
         view = module.open_view(s)
-        if expected_world_size is not None:
-            from zero_ckpt.resharding import check_expected_world_size
-
-            check_expected_world_size(view, expected_world_size)
+        view.check_saved_world_size(expected_world_size)
         with open_location(dst, d_opts) as d:
             return _result(d, write(
                 s, d, view, world_size=world_size or view.manifest.world_size,
@@ -176,7 +167,7 @@ def consolidate_source(
     if format != "safetensors":
         raise CheckpointError(f"unknown output format {format!r}; choose 'safetensors' or 'torch'")
     with open_location(src, storage_options) as s:
-        fmt = check_format(s, from_format)
+        fmt = resolve(s, from_format)
     from zero_ckpt.consolidation import consolidate  # reads every viewable format in place
 
     result = consolidate(

@@ -24,7 +24,7 @@ from zero_ckpt.storage import Location, open_location
 from zero_ckpt.transfer import ProgressFn, WrittenFile, load_manifest
 from zero_ckpt.view import SourceView
 
-__all__ = ["reshard", "reshard_part", "check_expected_world_size"]
+__all__ = ["reshard", "reshard_part"]
 
 
 def reshard(
@@ -116,22 +116,9 @@ def _locations(
         yield s, d
 
 
-def check_expected_world_size(view: SourceView, expected: int | None) -> None:
-    """LayoutMismatchError unless the view was saved at ``expected`` ranks (None: any)."""
-    saved = view.manifest.world_size
-    if expected is not None and expected != saved:
-        raise LayoutMismatchError(
-            f"{view.url} holds a checkpoint saved at world size {saved}, not "
-            f"{expected}; pass --from {saved} or leave --from out",
-            path=view.url,
-            expected=expected,
-            actual=saved,
-        )
-
-
 def _open(s: Location, expected_world_size: int | None, from_format: str) -> SourceView:
     view = open_view(s, from_format)
-    check_expected_world_size(view, expected_world_size)
+    view.check_saved_world_size(expected_world_size)
     return view
 
 

@@ -24,7 +24,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from zero_ckpt.errors import CorruptShardError
+from zero_ckpt.errors import CorruptShardError, LayoutMismatchError
 from zero_ckpt.manifest import FileMeta, Manifest
 from zero_ckpt.safetensors_format import SafetensorsHeader, dtype_size
 
@@ -119,6 +119,19 @@ class SourceView:
         """Every file the view reads: the state files, then the model file."""
         m = self.manifest
         return tuple(m.shards) + ((m.model_file,) if m.model_file is not None else ())
+
+    def check_saved_world_size(self, expected: int | None) -> None:
+        """LayoutMismatchError unless the checkpoint was saved at ``expected`` ranks (the CLI's
+        ``--from``; None: any)."""
+        saved = self.manifest.world_size
+        if expected is not None and expected != saved:
+            raise LayoutMismatchError(
+                f"{self.url} holds a checkpoint saved at world size {saved}, not "
+                f"{expected}; pass --from {saved} or leave --from out",
+                path=self.url,
+                expected=expected,
+                actual=saved,
+            )
 
     @property
     def checked_files(self) -> tuple[FileMeta, ...]:

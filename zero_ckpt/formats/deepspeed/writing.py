@@ -1164,12 +1164,6 @@ def _tag_name(tag: str | None, source: _Source) -> str:
     return name
 
 
-def _check_expected(view: SourceView, expected: int | None) -> None:
-    from zero_ckpt.resharding import check_expected_world_size
-
-    check_expected_world_size(view, expected)
-
-
 def write_view(
     s: Location,
     d: Location,
@@ -1183,7 +1177,6 @@ def write_view(
     fsync: bool | None = None,
     src_url: str | None = None,
     tag: str | None = None,
-    expected_world_size: int | None = None,
     precheck: Any = None,
     **_: Any,
 ) -> WriteResult:
@@ -1192,7 +1185,6 @@ def write_view(
     :func:`write_deepspeed`); ``latest`` last. The registry's writer of ``deepspeed``."""
     if world_size is None or world_size < 1:
         raise LayoutMismatchError(f"target world size must be at least 1, got {world_size}")
-    _check_expected(view, expected_world_size)
     source = _open(s, view)
     w = _Writer(source, world_size)
     name = _tag_name(tag, source)
@@ -1217,7 +1209,6 @@ def write_universal_view(
     fsync: bool | None = None,
     src_url: str | None = None,
     tag: str | None = None,
-    expected_world_size: int | None = None,
     precheck: Any = None,
     **_: Any,
 ) -> WriteResult:
@@ -1225,7 +1216,6 @@ def write_universal_view(
     DeepSpeed's universal layout (see :func:`write_deepspeed_universal`); ``latest_universal``
     last. ``world_size`` is ignored: the universal layout loads at any size. The registry's
     writer of ``deepspeed-universal``."""
-    _check_expected(view, expected_world_size)
     source = _open(s, view)
     if source.elastic:
         raise DeepSpeedWriteError(
@@ -1261,7 +1251,7 @@ def _write_url(
                 path=s.url,
             )
         view = open_view(s, fmt)
-        _check_expected(view, expected_world_size)
+        view.check_saved_world_size(expected_world_size)
         return writer(s, d, view, src_url=src, precheck=lambda: precheck(s, view), **options)
 
 
